@@ -1,0 +1,108 @@
+"""The contracts a backend author implements.
+
+A backend knows nothing about vhost-user, virtqueues or trio: a block backend reads and
+writes bytes at offsets, a net backend moves Ethernet frames. The device models in
+`vdev.devices` turn virtio requests into these calls, in the vdev process or in a
+separate driver domain, without the backend noticing the difference.
+
+Buffers are memoryviews straight into guest memory, so a backend can `os.preadv` into
+them or `os.pwritev` from them with no copy. A backend must not keep a reference to a
+buffer after the call returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+class BackendError(Exception):
+    """A backend cannot be created or used (bad option, missing file, ...)."""
+
+
+class BlockBackend:
+    """A block device's storage: `size` bytes addressed by byte offset.
+
+    Required: `size`, `read`, `write`. Everything else has a default.
+    Methods are called from a worker thread (never on the event loop), one request at a
+    time per queue; raise `OSError` for an I/O error (the guest sees VIRTIO_BLK_S_IOERR).
+    """
+
+    size: int = 0
+    block_size: int = 512
+    read_only: bool = False
+    #: Serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    serial: str = ""
+
+    def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill `buffers`, in order, with the bytes starting at `offset`."""
+        raise NotImplementedError
+
+    def write(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Store the bytes of `buffers`, in order, starting at `offset`."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget `length` bytes at `offset` (reads may then return anything)."""
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make `length` bytes at `offset` read as zeros; `unmap` allows deallocating."""
+        raise NotImplementedError
+
+    @property
+    def supports_discard(self) -> bool:
+        return type(self).discard is not BlockBackend.discard
+
+    @property
+    def supports_write_zeroes(self) -> bool:
+        return type(self).write_zeroes is not BlockBackend.write_zeroes
+
+    def close(self) -> None:
+        """Release files and memory. Called once, when the daemon stops."""
+
+
+#: Called by a net backend to put one frame into the guest; False if it was dropped
+#: (no receive buffers, or the frame is larger than the guest's buffers).
+DeliverFn = Callable[[bytes | memoryview], bool]
+
+
+class NetBackend:
+    """An Ethernet port: frames the guest transmits, frames delivered to the guest.
+
+    Required: `transmit`. A backend that produces frames on its own (a switch, a
+    responder) calls the `deliver` function it was given by `attach`. A backend backed
+    by a file descriptor (a TAP) may instead expose `fileno()` and `receive_into()`, and
+    the device then reads frames straight into guest buffers (zero copy).
+    """
+
+    #: True: frames carry the 12-byte virtio_net_hdr_v1 in front, exactly as the guest
+    #: wrote it (a TAP opened with IFF_VNET_HDR wants this, for offloads).
+    vnet_hdr: bool = False
+    #: Offload feature bits (VIRTIO_NET_F_CSUM, ...) this backend can carry; only used
+    #: when `vnet_hdr` is True.
+    offload_features: int = 0
+
+    def attach(self, deliver: DeliverFn) -> None:
+        """Remember how to deliver frames into the guest. Called before any traffic."""
+        self.deliver = deliver
+
+    def set_features(self, features: int) -> None:
+        """The virtio-net features the guest accepted (to set TAP offloads, ...)."""
+
+    def transmit(self, frame: Sequence[memoryview]) -> None:
+        """Send one frame from the guest, given as a scatter list."""
+        raise NotImplementedError
+
+    def fileno(self) -> int | None:
+        """A non-blocking fd that is readable when `receive_into` has a frame, or None."""
+        return None
+
+    def receive_into(self, buffers: Sequence[memoryview]) -> int:
+        """Read one frame into `buffers`; return its length. BlockingIOError if none."""
+        raise BlockingIOError
+
+    def close(self) -> None:
+        """Release the port. Called once, when the daemon stops."""

@@ -1,0 +1,1 @@
+"""Benchmarks: the same workload across service models."""

@@ -1,0 +1,206 @@
+"""The `vdev` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from vdev import __version__
+from vdev.config import ConfigError, DeviceSpec, build_device, load_config
+from vdev.plugins import plugins
+from vdev.server import DeviceServer, ServerError
+
+log = logging.getLogger("vdev")
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.replace("-", "_"), value
+
+
+RUN_EPILOG = """\
+examples:
+  vdev run blk --socket /tmp/disk.sock --backend file --path disk.img
+  vdev run blk --socket /tmp/ram.sock --backend ram --size 1G --queues 2
+  vdev run net --socket /tmp/nic.sock --backend tap --tap vdev0 --bridge br0
+  vdev run net --socket /tmp/nic.sock --backend echo
+  vdev run --config devices.toml
+
+Options not listed here go to the backend (or a third-party device) as -o KEY=VALUE.
+Then start QEMU with the options `vdev qemu-args` prints.
+"""
+
+
+def _build_parser() -> Parser:
+    parser = Parser(
+        prog="vdev",
+        description="Userspace virtio devices over vhost-user: serve disks and NICs to "
+        "QEMU (or any vhost-user front-end) from Python backends.",
+    )
+    parser.add_argument("--version", action="version", version=f"vdev {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="serve devices on vhost-user sockets",
+        description="Serve a device on a vhost-user socket until interrupted.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("type", nargs="?", help="device type: blk, net, or a plugin device")
+    run.add_argument("--config", type=Path, help="TOML file listing several devices")
+    run.add_argument("--socket", type=Path, help="vhost-user socket path")
+    run.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to the front-end's socket instead of listening (QEMU server=on)",
+    )
+    run.add_argument("--backend", help="backend name (see `vdev backends`)")
+    run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")
+    blk = run.add_argument_group("block backends")
+    blk.add_argument("--path", help="image file (file backend)")
+    blk.add_argument("--size", help="size such as 512M or 1G (ram, null backends)")
+    blk.add_argument("--readonly", action="store_true", default=None, help="read-only disk")
+    blk.add_argument("--direct", action="store_true", default=None, help="O_DIRECT I/O")
+    blk.add_argument("--serial", help="serial number the guest sees")
+    net = run.add_argument_group("net backends")
+    net.add_argument("--tap", help="TAP interface name (created if missing)")
+    net.add_argument("--bridge", help="attach the TAP to this bridge")
+    net.add_argument("--netns", help="network namespace of the TAP")
+    net.add_argument("--mac", help="guest MAC address")
+    net.add_argument("--mtu", type=_positive_int, help="MTU")
+    run.add_argument(
+        "-o",
+        "--option",
+        dest="extra",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other backend or device option",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    backends = sub.add_parser(
+        "backends",
+        help="list installed device types and backends",
+        description="List device types and backends installed as entry points.",
+    )
+    backends.set_defaults(func=_cmd_backends)
+    return parser
+
+
+_RUN_OPTIONS = (
+    "queues", "path", "size", "readonly", "direct", "serial",
+    "tap", "bridge", "netns", "mac", "mtu",
+)  # fmt: skip
+
+
+def _specs_from_args(args: argparse.Namespace) -> list[DeviceSpec]:
+    if args.config is not None:
+        if args.type or args.socket or args.backend:
+            raise ConfigError(
+                "--config cannot be combined with a device type, --socket or --backend"
+            )
+        return load_config(args.config)
+    if not args.type:
+        raise ConfigError("give a device type (blk, net, ...) or --config FILE")
+    if args.socket is None:
+        raise ConfigError("--socket is required")
+    options: dict[str, Any] = {
+        k: getattr(args, k) for k in _RUN_OPTIONS if getattr(args, k) is not None
+    }
+    options.update(args.extra)
+    return [DeviceSpec(args.type, args.socket, args.backend, options, args.client)]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    specs = _specs_from_args(args)
+    devices = []
+    try:
+        for spec in specs:
+            devices.append(build_device(spec))
+        servers = [
+            DeviceServer(d, s.socket, client=s.client) for d, s in zip(devices, specs, strict=True)
+        ]
+        trio.run(_serve_until_signal, servers)
+    finally:
+        for device in devices:
+            device.close()
+    return 0
+
+
+async def _serve_until_signal(servers: Sequence[DeviceServer]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            for server in servers:
+                await nursery.start(server.serve)
+            log.info("ready: %s", ", ".join(str(s.path) for s in servers))
+            async for signum in signals:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    rows = [(p.kind.label, p.name, p.distribution, p.target) for p in plugins()]
+    widths = [max(len(r[i]) for r in [("KIND", "NAME", "PACKAGE", ""), *rows]) for i in range(3)]
+    for row in [("KIND", "NAME", "PACKAGE", "ENTRY POINT"), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
+    return 0
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(verbosity, -2), logging.DEBUG
+    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose - args.quiet)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, ServerError) as exc:
+        print(f"vdev {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

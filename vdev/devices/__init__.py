@@ -1,0 +1,1 @@
+"""Device models: virtio-blk, virtio-net, and the base class for raw devices."""

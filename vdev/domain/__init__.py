@@ -1,0 +1,1 @@
+"""Where a backend runs: in the vdev process or in a separate driver domain."""

@@ -1,0 +1,420 @@
+"""vhost-user sessions over Unix sockets: one device, one front-end at a time.
+
+`DeviceServer` owns a socket (listening, or connecting out with `client=True`) and
+serves a front-end on it; when the front-end goes away the device is reset and the
+server waits for the next one. `Session` is one front-end connection: it feeds the
+sans-I/O `BackendConnection`, acts on its events (memory, vrings, config) and sends
+the replies back.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from vdev.devices.base import Device, DeviceError
+from vdev.protocol import (
+    F_PROTOCOL_FEATURES,
+    BackendConnection,
+    DeviceConfig,
+    MemoryRegionUpdate,
+    MemoryTable,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    RemoteProtocolError,
+    VringAddress,
+    VringState,
+)
+from vdev.virtio.errors import VirtioError
+from vdev.virtio.features import TRANSPORT_FEATURES
+from vdev.virtio.memory import GuestMemory
+from vdev.vring import Vring
+
+log = logging.getLogger(__name__)
+
+#: Protocol features every vdev device offers; devices add their own (RARP, ...).
+BASE_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+MAX_MEM_SLOTS = 509
+_RECV_SIZE = 65536
+_ANC_SIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+
+
+class ServerError(Exception):
+    """The server cannot start (socket path in use, not a socket, ...)."""
+
+
+class Session:
+    """One front-end connection to one device."""
+
+    def __init__(self, device: Device, sock: trio.socket.SocketType, name: str) -> None:
+        self.device = device
+        self.sock = sock
+        self.name = name
+        self.memory = GuestMemory()
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.status = 0
+        self.conn = BackendConnection(
+            features=device.features() | TRANSPORT_FEATURES | F_PROTOCOL_FEATURES,
+            protocol_features=BASE_PROTOCOL_FEATURES | device.protocol_features,
+            num_queues=device.num_queues,
+            max_queue_size=device.max_queue_size,
+            max_mem_slots=MAX_MEM_SLOTS,
+        )
+        self._workers: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Serve the front-end until it disconnects or breaks the protocol."""
+        try:
+            async with trio.open_nursery() as self._workers:
+                try:
+                    await self._serve_messages()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._stop_all()
+                    self._workers.cancel_scope.cancel()
+        finally:
+            self.conn.close()
+            for vring in self.vrings:
+                vring.close()
+            self.memory.close()
+            self.device.reset()
+
+    async def _serve_messages(self) -> None:
+        while True:
+            try:
+                data, ancdata, flags, _ = await self.sock.recvmsg(_RECV_SIZE, _ANC_SIZE)
+            except OSError as exc:
+                log.info("%s: front-end connection lost: %s", self.name, exc)
+                return
+            fds = _received_fds(ancdata)
+            if not data or flags & socket.MSG_CTRUNC:
+                _close_all(fds)
+                if data:
+                    log.error("%s: front-end sent more fds than a message may carry", self.name)
+                else:
+                    log.info("%s: front-end disconnected", self.name)
+                return
+            self.conn.receive_data(data, fds)
+            if not await self._process_events():
+                return
+
+    async def _process_events(self) -> bool:
+        """Handle every complete message received; False when the session must end."""
+        while True:
+            try:
+                msg = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                log.error("%s: front-end protocol error: %s", self.name, exc)
+                await self._send()
+                if exc.fatal:
+                    return False
+                continue
+            if msg is None:
+                await self._send()
+                return True
+            try:
+                result = await self._handle(msg)
+            except (DeviceError, VirtioError, ProtocolError, OSError, ValueError) as exc:
+                log.error("%s: %s failed: %s", self.name, msg.request.name, exc)
+                if not self.conn.fail(msg, str(exc)):
+                    return False
+            else:
+                self.conn.complete(msg, result)
+            await self._send()
+
+    async def _send(self) -> None:
+        data = self.conn.data_to_send()
+        while data:
+            sent = await self.sock.send(data)
+            data = data[sent:]
+
+    # --- request handlers ------------------------------------------------------------
+
+    async def _handle(self, msg: Message) -> object:
+        handler = getattr(self, "_on_" + msg.request.name.lower(), None)
+        if handler is None:
+            return await self.device.handle_message(msg.request, msg.payload)
+        return await handler(msg)
+
+    async def _on_set_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, int)
+        self.device.set_features(msg.payload)
+
+    async def _on_reset_owner(self, msg: Message) -> None:
+        await self._reset()
+
+    async def _on_reset_device(self, msg: Message) -> None:
+        await self._reset()
+
+    async def _on_set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryTable)
+        running = await self._pause()
+        try:
+            self.memory.clear()
+            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                self.memory.add_region(
+                    region.guest_phys_addr,
+                    region.memory_size,
+                    region.userspace_addr,
+                    region.mmap_offset,
+                    fd,
+                )
+        finally:
+            _close_all(msg.fds)
+        await self._resume(running)
+
+    async def _on_add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryRegionUpdate)
+        r = msg.payload.region
+        try:
+            self.memory.add_region(
+                r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, msg.fds[0]
+            )
+        finally:
+            _close_all(msg.fds)
+
+    async def _on_rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryRegionUpdate)
+        _close_all(msg.fds)
+        r = msg.payload.region
+        running = await self._pause()
+        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        await self._resume(running)
+
+    async def _on_set_vring_num(self, msg: Message) -> None:
+        vring = self._vring(msg.payload)
+        vring.size = msg.payload.num  # type: ignore[union-attr]
+
+    async def _on_set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringAddress)
+        self._vring(msg.payload).address = msg.payload
+
+    async def _on_set_vring_base(self, msg: Message) -> None:
+        vring = self._vring(msg.payload)
+        vring.base = msg.payload.num  # type: ignore[union-attr]
+
+    async def _on_get_vring_base(self, msg: Message) -> VringState:
+        vring = self._vring(msg.payload)
+        await vring.stop()
+        vring.set_kick(None)
+        vring.started = False
+        return VringState(vring.index, vring.base)
+
+    async def _on_set_vring_kick(self, msg: Message) -> None:
+        vring = self._vring(msg.payload)
+        await vring.stop()
+        vring.set_kick(msg.fds[0] if msg.fds else None)
+        vring.started = True
+        if not self.conn.acked_features & F_PROTOCOL_FEATURES:
+            vring.enabled = True
+        await self._start(vring)
+
+    async def _on_set_vring_call(self, msg: Message) -> None:
+        self._vring(msg.payload).set_call(msg.fds[0] if msg.fds else None)
+
+    async def _on_set_vring_err(self, msg: Message) -> None:
+        self._vring(msg.payload).set_err(msg.fds[0] if msg.fds else None)
+
+    async def _on_set_vring_enable(self, msg: Message) -> None:
+        vring = self._vring(msg.payload)
+        vring.enabled = bool(msg.payload.num)  # type: ignore[union-attr]
+        if vring.enabled:
+            await self._start(vring)
+        else:
+            await vring.stop()
+
+    async def _on_get_config(self, msg: Message) -> bytes:
+        assert isinstance(msg.payload, DeviceConfig)
+        config = self.device.config()
+        data = config[msg.payload.offset : msg.payload.offset + msg.payload.size]
+        return data.ljust(msg.payload.size, b"\0")
+
+    async def _on_set_config(self, msg: Message) -> None:
+        assert isinstance(msg.payload, DeviceConfig)
+        self.device.write_config(msg.payload.offset, msg.payload.data)
+
+    async def _on_set_status(self, msg: Message) -> None:
+        assert isinstance(msg.payload, int)
+        self.status = msg.payload
+        if self.status == 0:
+            await self._reset()
+
+    async def _on_get_status(self, msg: Message) -> int:
+        return self.status
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _vring(self, payload: object) -> Vring:
+        index = payload.index  # type: ignore[attr-defined]
+        return self.vrings[index]
+
+    async def _start(self, vring: Vring) -> None:
+        if vring.ready and not vring.running and self.memory.regions:
+            assert self._workers is not None
+            await vring.start(self._workers, self.device, self.memory, self.device.acked_features)
+
+    async def _pause(self) -> list[Vring]:
+        """Stop every running vring (memory is about to change); return them."""
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            await vring.stop()
+        return running
+
+    async def _resume(self, vrings: list[Vring]) -> None:
+        for vring in vrings:
+            await self._start(vring)
+
+    async def _stop_all(self) -> None:
+        for vring in self.vrings:
+            await vring.stop()
+
+    async def _reset(self) -> None:
+        await self._stop_all()
+        for vring in self.vrings:
+            vring.close()
+        self.device.reset()
+
+
+class DeviceServer:
+    """Serves one device on one vhost-user socket."""
+
+    def __init__(
+        self, device: Device, path: str | Path, *, client: bool = False, mode: int = 0o600
+    ) -> None:
+        self.device = device
+        self.path = Path(path)
+        self.client = client
+        self.mode = mode
+        self.sessions = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve front-ends forever (until cancelled)."""
+        if self.client:
+            await self._serve_as_client(task_status)
+        else:
+            await self._serve_as_listener(task_status)
+
+    async def _serve_as_listener(self, task_status: trio.TaskStatus[None]) -> None:
+        listener = await self._bind()
+        busy = False
+        try:
+            with listener:
+                log.info("%s: listening", self.path)
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        sock, _ = await listener.accept()
+                        if busy:
+                            log.warning("%s: refused a second front-end connection", self.path)
+                            sock.close()
+                            continue
+                        busy = True
+
+                        async def run(sock: trio.socket.SocketType = sock) -> None:
+                            nonlocal busy
+                            try:
+                                await self._run_session(sock)
+                            finally:
+                                busy = False
+
+                        nursery.start_soon(run)
+        finally:
+            self._unlink()
+
+    async def _serve_as_client(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        delay = 0.05
+        while True:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(str(self.path))
+            except OSError as exc:
+                sock.close()
+                if not started:
+                    task_status.started()
+                    started = True
+                log.debug("%s: connect failed (%s); retrying in %.2fs", self.path, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if not started:
+                task_status.started()
+                started = True
+            delay = 0.05
+            log.info("%s: connected to front-end", self.path)
+            await self._run_session(sock)
+
+    async def _run_session(self, sock: trio.socket.SocketType) -> None:
+        self.sessions += 1
+        with sock:
+            try:
+                await Session(self.device, sock, str(self.path)).run()
+            except Exception:
+                # A bug of ours must cost this session only, never the daemon.
+                log.exception("%s: internal error; session dropped", self.path)
+        log.info("%s: device reset; waiting for the next front-end", self.path)
+
+    async def _bind(self) -> trio.socket.SocketType:
+        await self._remove_stale_socket()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(str(self.path))
+            os.chmod(self.path, self.mode)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise ServerError(f"cannot listen on {self.path}: {exc.strerror}") from exc
+        return sock
+
+    async def _remove_stale_socket(self) -> None:
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with probe:
+            try:
+                await probe.connect(str(self.path))
+            except OSError as exc:
+                if exc.errno != errno.ECONNREFUSED:
+                    raise ServerError(f"cannot check {self.path}: {exc.strerror}") from exc
+                log.info("%s: removing a stale socket", self.path)
+                self.path.unlink()
+                return
+        raise ServerError(f"{self.path} is in use by a running vhost-user back-end")
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Helpers for testing vdev devices and backends: a Python front-end, fake memory, real guests."""
