@@ -9,7 +9,6 @@ the replies back.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 import trio
 
 from vdev.devices.base import Device, DeviceError
+from vdev.fdpass import recv_with_fds, send_with_fds
 from vdev.protocol import (
     F_PROTOCOL_FEATURES,
     BackendConnection,
@@ -52,8 +52,8 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS
 )
 MAX_MEM_SLOTS = 509
-_RECV_SIZE = 65536
-_ANC_SIZE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+#: How long a new connection waits for the previous session to wind down.
+SESSION_END_GRACE = 1.0
 
 
 class ServerError(Exception):
@@ -99,12 +99,11 @@ class Session:
     async def _serve_messages(self) -> None:
         while True:
             try:
-                data, ancdata, flags, _ = await self.sock.recvmsg(_RECV_SIZE, _ANC_SIZE)
+                data, fds, truncated = await recv_with_fds(self.sock)
             except OSError as exc:
                 log.info("%s: front-end connection lost: %s", self.name, exc)
                 return
-            fds = _received_fds(ancdata)
-            if not data or flags & socket.MSG_CTRUNC:
+            if not data or truncated:
                 _close_all(fds)
                 if data:
                     log.error("%s: front-end sent more fds than a message may carry", self.name)
@@ -140,10 +139,7 @@ class Session:
             await self._send()
 
     async def _send(self) -> None:
-        data = self.conn.data_to_send()
-        while data:
-            sent = await self.sock.send(data)
-            data = data[sent:]
+        await send_with_fds(self.sock, self.conn.data_to_send())
 
     # --- request handlers ------------------------------------------------------------
 
@@ -313,7 +309,8 @@ class DeviceServer:
 
     async def _serve_as_listener(self, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._bind()
-        busy = False
+        idle = trio.Event()
+        idle.set()
         try:
             with listener:
                 log.info("%s: listening", self.path)
@@ -321,20 +318,15 @@ class DeviceServer:
                 async with trio.open_nursery() as nursery:
                     while True:
                         sock, _ = await listener.accept()
-                        if busy:
+                        # A front-end that reconnects may beat the old session's cleanup.
+                        with trio.move_on_after(SESSION_END_GRACE):
+                            await idle.wait()
+                        if not idle.is_set():
                             log.warning("%s: refused a second front-end connection", self.path)
                             sock.close()
                             continue
-                        busy = True
-
-                        async def run(sock: trio.socket.SocketType = sock) -> None:
-                            nonlocal busy
-                            try:
-                                await self._run_session(sock)
-                            finally:
-                                busy = False
-
-                        nursery.start_soon(run)
+                        idle = trio.Event()
+                        nursery.start_soon(self._run_session, sock, idle)
         finally:
             self._unlink()
 
@@ -361,7 +353,9 @@ class DeviceServer:
             log.info("%s: connected to front-end", self.path)
             await self._run_session(sock)
 
-    async def _run_session(self, sock: trio.socket.SocketType) -> None:
+    async def _run_session(
+        self, sock: trio.socket.SocketType, done: trio.Event | None = None
+    ) -> None:
         self.sessions += 1
         with sock:
             try:
@@ -369,6 +363,9 @@ class DeviceServer:
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)
+            finally:
+                if done is not None:
+                    done.set()
         log.info("%s: device reset; waiting for the next front-end", self.path)
 
     async def _bind(self) -> trio.socket.SocketType:
@@ -405,14 +402,6 @@ class DeviceServer:
     def _unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 def _close_all(fds: Sequence[int]) -> None:

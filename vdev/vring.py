@@ -114,17 +114,18 @@ class Vring:
         self, device: Device, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._stopped = trio.Event()
-        with trio.CancelScope() as self._scope:
-            task_status.started()
-            try:
+        try:
+            with trio.CancelScope() as self._scope:
+                task_status.started()
                 await device.run_queue(self)
-            except VirtioError as exc:
-                self._fail(exc)
-            except Exception:
-                log.exception("queue %d: device worker crashed; queue stopped", self.index)
-                self._signal(self.err_fd)
-        self._scope = None
-        self._stopped.set()
+        except VirtioError as exc:
+            self._fail(exc)
+        except Exception:
+            log.exception("queue %d: device worker crashed; queue stopped", self.index)
+            self._signal(self.err_fd)
+        finally:
+            self._scope = None
+            self._stopped.set()
 
     # --- the Queue a device sees ---------------------------------------------------
 
