@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -14,7 +15,9 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
+from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
+from vdev.qemu import QemuError, render_args
 from vdev.server import DeviceServer, ServerError
 
 log = logging.getLogger("vdev")
@@ -100,6 +103,25 @@ def _build_parser() -> Parser:
     net.add_argument("--netns", help="network namespace of the TAP")
     net.add_argument("--mac", help="guest MAC address")
     net.add_argument("--mtu", type=_positive_int, help="MTU")
+    dom = run.add_argument_group("service model")
+    dom.add_argument(
+        "--domain",
+        choices=DOMAIN_KINDS,
+        default="inprocess",
+        help="run the backend in this process (default) or in a driver-domain child process",
+    )
+    dom.add_argument(
+        "--domain-memory",
+        choices=MEMORY_POLICIES,
+        default="map",
+        help="driver domain: map guest memory in the child (default) or copy via a bounce buffer",
+    )
+    dom.add_argument("--domain-user", metavar="USER", help="driver domain: run the child as USER")
+    dom.add_argument(
+        "--domain-netns",
+        metavar="NS",
+        help="driver domain: run the child in this network namespace",
+    )
     run.add_argument(
         "-o",
         "--option",
@@ -118,6 +140,20 @@ def _build_parser() -> Parser:
         description="List device types and backends installed as entry points.",
     )
     backends.set_defaults(func=_cmd_backends)
+
+    qemu = sub.add_parser(
+        "qemu-args",
+        help="print the QEMU options that attach a vdev device",
+        description="Print the QEMU options that give a guest shared memory and attach a "
+        "vdev device on SOCKET (templates from qemu-configs/). Paste them into your QEMU "
+        "command line, e.g. qemu-system-x86_64 -m 1G $(vdev qemu-args blk --socket S --mem 1G).",
+    )
+    qemu.add_argument("type", choices=("blk", "net"), help="device type")
+    qemu.add_argument("--socket", type=Path, required=True, help="vhost-user socket path")
+    qemu.add_argument("--queues", type=_positive_int, default=1, help="queues / queue pairs")
+    qemu.add_argument("--mem", default="1G", help="guest memory size, equal to QEMU -m")
+    qemu.add_argument("--id", default=None, help="QEMU device id (default vdev-TYPE0)")
+    qemu.set_defaults(func=_cmd_qemu_args)
     return parser
 
 
@@ -142,7 +178,11 @@ def _specs_from_args(args: argparse.Namespace) -> list[DeviceSpec]:
         k: getattr(args, k) for k in _RUN_OPTIONS if getattr(args, k) is not None
     }
     options.update(args.extra)
-    return [DeviceSpec(args.type, args.socket, args.backend, options, args.client)]
+    try:
+        domain = DomainSpec(args.domain, args.domain_memory, args.domain_user, args.domain_netns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return [DeviceSpec(args.type, args.socket, args.backend, options, args.client, domain)]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -181,6 +221,17 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    device_id = args.id or f"vdev-{args.type}0"
+    params: dict[str, Any] = {"socket": args.socket.resolve(), "id": device_id}
+    params["queues"] = args.queues
+    if args.type == "net":
+        params["mq"] = args.queues > 1
+    argv = render_args("memory", mem_size=args.mem) + render_args(f"vdev-{args.type}", **params)
+    print(shlex.join(argv))
+    return 0
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
         max(verbosity, -2), logging.DEBUG
@@ -195,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ServerError) as exc:
+    except (ConfigError, ServerError, QemuError) as exc:
         print(f"vdev {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

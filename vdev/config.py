@@ -9,6 +9,7 @@ option for the device or its backend::
     backend = "file"          # a `vdev.blk_backends` / `vdev.net_backends` plugin
     path = "disk.img"         # backend option
     queues = 2                # device option
+    domain = "driver"         # optional: or { kind = "driver", memory = "copy", user = "nobody" }
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from vdev.backend import BackendError
 from vdev.devices.base import Device
+from vdev.domain.spec import DomainSpec
 from vdev.plugins import Kind, PluginNotFound, load
 
 
@@ -43,6 +45,7 @@ class DeviceSpec:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     client: bool = False
+    domain: DomainSpec = field(default_factory=DomainSpec)
 
 
 def load_config(path: Path) -> list[DeviceSpec]:
@@ -66,6 +69,7 @@ def load_config(path: Path) -> list[DeviceSpec]:
             if not isinstance(table.get(key), str):
                 raise ConfigError(f"{where}: '{key}' (a string) is required")
         options = {k: v for k, v in table.items() if k not in _SPEC_KEYS}
+        domain = _domain_from_toml(table.get("domain", "inprocess"), where)
         specs.append(
             DeviceSpec(
                 type=table["type"],
@@ -73,6 +77,7 @@ def load_config(path: Path) -> list[DeviceSpec]:
                 backend=table.get("backend"),
                 options=options,
                 client=bool(table.get("client", False)),
+                domain=domain,
             )
         )
     sockets = [s.socket for s in specs]
@@ -113,6 +118,17 @@ def build_device(spec: DeviceSpec) -> Device:
     except ConfigError:
         backend.close()
         raise
+
+
+def _domain_from_toml(value: object, where: str) -> DomainSpec:
+    try:
+        if isinstance(value, str):
+            return DomainSpec(kind=value)  # type: ignore[arg-type]
+        if isinstance(value, dict):
+            return DomainSpec(**value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: domain: {exc}") from exc
+    raise ConfigError(f"{where}: domain must be a string or a table")
 
 
 def _accepted(cls: type) -> set[str]:
