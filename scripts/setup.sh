@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio kmod util-linux e2fsprogs)
+# qemu-utils brings qemu-storage-daemon (the C reference in benchmarks); busybox-static,
+# fio, e2fsprogs and util-linux are copied into the test guest's initramfs.
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio e2fsprogs util-linux iproute2 kmod)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -20,9 +22,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
-if [ -x scripts/guest-deps.sh ]; then
-    scripts/guest-deps.sh
 fi
 
 if [ ! -x .venv/bin/python ]; then

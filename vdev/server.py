@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from vdev.devices.base import Device, DeviceError
-from vdev.fdpass import recv_with_fds, send_with_fds
+from vdev.fdpass import recv_message, send_with_fds
 from vdev.protocol import (
     F_PROTOCOL_FEATURES,
     BackendConnection,
@@ -99,7 +99,7 @@ class Session:
     async def _serve_messages(self) -> None:
         while True:
             try:
-                data, fds, truncated = await recv_with_fds(self.sock)
+                data, fds, truncated = await recv_message(self.sock)
             except OSError as exc:
                 log.info("%s: front-end connection lost: %s", self.name, exc)
                 return
@@ -211,7 +211,7 @@ class Session:
         await vring.stop()
         vring.set_kick(None)
         vring.started = False
-        return VringState(vring.index, vring.base)
+        return VringState(vring.index, vring.base or 0)
 
     async def _on_set_vring_kick(self, msg: Message) -> None:
         vring = self._vring(msg.payload)

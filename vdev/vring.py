@@ -20,7 +20,7 @@ from vdev.protocol import VringAddress
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import DescriptorError, VirtioError
 from vdev.virtio.memory import GuestMemory
-from vdev.virtio.queue import Virtqueue, make_queue
+from vdev.virtio.queue import Virtqueue, initial_base, make_queue
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class Vring:
         self.index = index
         self.size = 0
         self.address: VringAddress | None = None
-        self.base = 0
+        #: SET_VRING_BASE value; None: the ring's initial state.
+        self.base: int | None = None
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.err_fd: int | None = None
@@ -78,7 +79,7 @@ class Vring:
             self.address.avail_user_addr,
             self.address.used_user_addr,
             features=features,
-            base=self.base,
+            base=self.base if self.base is not None else initial_base(features),
         )
         await nursery.start(self._work, device)
         log.debug("queue %d started (size %d)", self.index, self.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 
@@ -109,29 +110,30 @@ async def test_second_connection_refused_and_reconnect(sock_path):
 
 async def test_malformed_messages_then_good_session(sock_path):
     """10,000 malformed messages in a row; the daemon then serves a good session."""
-    rng = __import__("random").Random(1234)
+    rng = random.Random(1234)
     async with serve_device(EchoDevice(), sock_path):
-        with trio.socket.socket(socket.AF_UNIX) as s:
-            await s.connect(str(sock_path))
-            sent = 0
-            while sent < 10_000:
-                kind = rng.randrange(4)
-                if kind == 0:  # unknown request
-                    msg = struct.pack("<III", rng.randrange(44, 1 << 32), 1, 0)
-                elif kind == 1:  # wrong size for a known request
-                    msg = struct.pack("<III", Request.SET_FEATURES, 1, 3) + b"abc"
-                elif kind == 2:  # bad version bits
-                    msg = struct.pack("<III", Request.GET_FEATURES, 2, 0)
-                else:  # random junk
-                    msg = rng.randbytes(rng.randrange(1, 64))
-                try:
-                    await s.send(msg)
-                except OSError:  # the daemon hung up on us: reconnect and go on
-                    s.close()
-                    s = trio.socket.socket(socket.AF_UNIX)
-                    await s.connect(str(sock_path))
-                    continue
-                sent += 1
+        s = trio.socket.socket(socket.AF_UNIX)
+        await s.connect(str(sock_path))
+        sent = 0
+        while sent < 10_000:
+            kind = rng.randrange(4)
+            if kind == 0:  # unknown request
+                msg = struct.pack("<III", rng.randrange(44, 1 << 32), 1, 0)
+            elif kind == 1:  # wrong size for a known request
+                msg = struct.pack("<III", Request.SET_FEATURES, 1, 3) + b"abc"
+            elif kind == 2:  # bad version bits
+                msg = struct.pack("<III", Request.GET_FEATURES, 2, 0)
+            else:  # random junk
+                msg = rng.randbytes(rng.randrange(1, 64))
+            try:
+                await s.send(msg)
+            except OSError:  # the daemon hung up on us: reconnect and go on
+                s.close()
+                s = trio.socket.socket(socket.AF_UNIX)
+                await s.connect(str(sock_path))
+                continue
+            sent += 1
+        s.close()
         async with Frontend.connect(sock_path) as fe:
             await fe.negotiate()
             q = await fe.setup_queue(1)

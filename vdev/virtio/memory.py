@@ -1,0 +1,307 @@
+"""Guest memory: the regions the front-end shares with us, and bounds-checked views of them.
+
+Addresses come in two kinds. Descriptors carry guest physical addresses (GPA);
+vhost-user ring addresses (SET_VRING_ADDR) are front-end virtual addresses (user
+addresses, VVA). Every lookup is bounds-checked and returns memoryviews straight into
+the mapping (zero copy), or raises `GuestMemoryError`.
+
+Lifetime: an mmap cannot be unmapped while memoryviews of it exist (Python refuses with
+BufferError, which also makes a use-after-unmap impossible). Callers must drop the
+views they got (chains, ring views) before `remove_region`/`clear`/`close` for the
+memory to be unmapped at once; otherwise those calls still succeed, log, and the
+mapping goes away when its last view does.
+
+Mutations (add, remove, clear) replace an immutable lookup table, so threads that look
+up addresses concurrently see either the old or the new table, never a half-built one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vdev.virtio.errors import GuestMemoryError
+
+logger = logging.getLogger(__name__)
+
+_ADDRESS_LIMIT = 1 << 64
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryRegion:
+    """One contiguous piece of guest memory and where it is mapped in this process."""
+
+    guest_phys_addr: int
+    size: int
+    #: Where the front-end has this region in its own address space.
+    user_addr: int
+    #: Offset of the region in the file `fd` refers to.
+    mmap_offset: int
+    #: A dup of the front-end's fd, owned by the `GuestMemory` (None for plain buffers).
+    fd: int | None
+    #: The region's bytes.
+    view: memoryview = field(repr=False)
+    #: The mmap `view` slices (None for plain buffers).
+    mapping: mmap.mmap | None = field(repr=False)
+    #: Address of the region's first byte in this process.
+    host_addr: int = field(repr=False)
+
+    @property
+    def gpa_end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+    @property
+    def user_end(self) -> int:
+        return self.user_addr + self.size
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Regions sorted by guest address and by user address, with bisect keys."""
+
+    by_gpa: tuple[MemoryRegion, ...] = ()
+    gpa_starts: tuple[int, ...] = ()
+    by_user: tuple[MemoryRegion, ...] = ()
+    user_starts: tuple[int, ...] = ()
+
+    @classmethod
+    def build(cls, regions: Sequence[MemoryRegion]) -> _Table:
+        by_gpa = tuple(sorted(regions, key=lambda r: r.guest_phys_addr))
+        by_user = tuple(sorted(regions, key=lambda r: r.user_addr))
+        return cls(
+            by_gpa,
+            tuple(r.guest_phys_addr for r in by_gpa),
+            by_user,
+            tuple(r.user_addr for r in by_user),
+        )
+
+    def find_gpa(self, gpa: int) -> MemoryRegion | None:
+        i = bisect.bisect_right(self.gpa_starts, gpa) - 1
+        if i >= 0 and gpa < self.by_gpa[i].gpa_end:
+            return self.by_gpa[i]
+        return None
+
+    def find_user(self, uaddr: int) -> MemoryRegion | None:
+        i = bisect.bisect_right(self.user_starts, uaddr) - 1
+        if i >= 0 and uaddr < self.by_user[i].user_end:
+            return self.by_user[i]
+        return None
+
+
+def _buffer_address(view: memoryview) -> int:
+    """Address of the first byte of a writable, contiguous buffer."""
+    return ctypes.addressof((ctypes.c_char * view.nbytes).from_buffer(view))
+
+
+def _slice(region: MemoryRegion, offset: int, length: int) -> memoryview:
+    try:
+        return region.view[offset : offset + length]
+    except ValueError as exc:  # released by a concurrent remove_region/clear
+        raise GuestMemoryError(
+            f"region at guest address {region.guest_phys_addr:#x} was removed"
+        ) from exc
+
+
+class GuestMemory:
+    """The guest memory table of one front-end connection."""
+
+    def __init__(self) -> None:
+        self._table = _Table()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def regions(self) -> Sequence[MemoryRegion]:
+        """The current regions, by guest address (indices as used by `locate`)."""
+        return self._table.by_gpa
+
+    # --- building the table ----------------------------------------------------------
+
+    def add_region(
+        self, guest_phys_addr: int, size: int, user_addr: int, mmap_offset: int, fd: int
+    ) -> None:
+        """Map `size` bytes of `fd` from `mmap_offset` (SET_MEM_TABLE / ADD_MEM_REG entry).
+
+        The caller keeps ownership of `fd`; the region keeps a dup of it. The file is
+        mapped from offset 0 (mmap offsets must be page aligned, region offsets need not).
+        """
+        self._check_new(guest_phys_addr, size, user_addr)
+        if mmap_offset < 0:
+            raise GuestMemoryError(f"negative mmap offset {mmap_offset:#x}")
+        length = mmap_offset + size
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size < length:
+                # Touching pages past the end of the file would SIGBUS the daemon.
+                raise GuestMemoryError(
+                    f"region {guest_phys_addr:#x}+{size:#x} at offset {mmap_offset:#x} "
+                    f"exceeds its file ({st.st_size:#x} bytes)"
+                )
+            mapping = mmap.mmap(
+                fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except (OSError, ValueError, OverflowError) as exc:
+            raise GuestMemoryError(
+                f"cannot map region {guest_phys_addr:#x}+{size:#x} from fd {fd}: {exc}"
+            ) from exc
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:
+            mapping.close()
+            raise GuestMemoryError(f"cannot keep fd {fd}: {exc}") from exc
+        view = memoryview(mapping)[mmap_offset:length]
+        address = _buffer_address(view)
+        self._insert(
+            MemoryRegion(guest_phys_addr, size, user_addr, mmap_offset, dup, view, mapping, address)
+        )
+
+    def add_buffer(
+        self,
+        guest_phys_addr: int,
+        buf: bytearray | memoryview | mmap.mmap,
+        user_addr: int | None = None,
+    ) -> None:
+        """Use a writable buffer (bytearray, anonymous mmap...) as guest memory, for tests."""
+        try:
+            view = memoryview(buf).cast("B")
+        except TypeError as exc:
+            raise GuestMemoryError(f"not a contiguous buffer: {exc}") from exc
+        if view.readonly:
+            raise GuestMemoryError("guest memory must be writable")
+        uaddr = guest_phys_addr if user_addr is None else user_addr
+        self._check_new(guest_phys_addr, len(view), uaddr)
+        self._insert(
+            MemoryRegion(
+                guest_phys_addr, len(view), uaddr, 0, None, view, None, _buffer_address(view)
+            )
+        )
+
+    def remove_region(self, guest_phys_addr: int, size: int, user_addr: int) -> None:
+        """Unmap the region with exactly these guest address, size and user address."""
+        regions = self._table.by_gpa
+        key = (guest_phys_addr, size, user_addr)
+        for region in regions:
+            if (region.guest_phys_addr, region.size, region.user_addr) == key:
+                self._table = _Table.build([r for r in regions if r is not region])
+                self._release(region)
+                return
+        raise GuestMemoryError(
+            f"no region {guest_phys_addr:#x}+{size:#x} at user address {user_addr:#x}"
+        )
+
+    def clear(self) -> None:
+        """Unmap every region (SET_MEM_TABLE replaces the whole table)."""
+        regions, self._table = self._table.by_gpa, _Table()
+        for region in regions:
+            self._release(region)
+
+    def close(self) -> None:
+        """Release everything; the object stays usable (an empty table)."""
+        self.clear()
+
+    def _insert(self, region: MemoryRegion) -> None:
+        self._table = _Table.build((*self._table.by_gpa, region))
+        logger.debug("added %s", region)
+
+    def _check_new(self, gpa: int, size: int, uaddr: int) -> None:
+        if size <= 0:
+            raise GuestMemoryError(f"region at {gpa:#x} has size {size}")
+        if gpa < 0 or uaddr < 0 or gpa + size > _ADDRESS_LIMIT or uaddr + size > _ADDRESS_LIMIT:
+            raise GuestMemoryError(f"region {gpa:#x}+{size:#x} does not fit 64-bit addresses")
+        for r in self._table.by_gpa:
+            if gpa < r.gpa_end and r.guest_phys_addr < gpa + size:
+                raise GuestMemoryError(
+                    f"region {gpa:#x}+{size:#x} overlaps {r.guest_phys_addr:#x}+{r.size:#x}"
+                )
+            if uaddr < r.user_end and r.user_addr < uaddr + size:
+                raise GuestMemoryError(
+                    f"region at user address {uaddr:#x}+{size:#x} overlaps "
+                    f"{r.user_addr:#x}+{r.size:#x}"
+                )
+
+    @staticmethod
+    def _release(region: MemoryRegion) -> None:
+        """Drop a region: unmap it now if no view of it is left, else when the last goes."""
+        if region.fd is not None:
+            try:
+                os.close(region.fd)
+            except OSError as exc:
+                logger.warning("closing the fd of region %s: %s", region, exc)
+        try:
+            region.view.release()
+            if region.mapping is not None:
+                region.mapping.close()
+        except BufferError:
+            logger.info(
+                "region %#x+%#x still has views in use; it is unmapped when they are dropped",
+                region.guest_phys_addr,
+                region.size,
+            )
+        else:
+            logger.debug("unmapped %s", region)
+
+    # --- lookups ---------------------------------------------------------------------
+
+    def gpa_views(self, gpa: int, length: int) -> list[memoryview]:
+        """Views of guest range [gpa, gpa+length), split where it crosses adjacent regions."""
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        table = self._table
+        views: list[memoryview] = []
+        addr, left = gpa, length
+        while left:
+            region = table.find_gpa(addr)
+            if region is None:
+                raise GuestMemoryError(
+                    f"guest range {gpa:#x}+{length:#x} is not mapped (hole at {addr:#x})"
+                )
+            offset = addr - region.guest_phys_addr
+            n = min(left, region.size - offset)
+            views.append(_slice(region, offset, n))
+            addr += n
+            left -= n
+        return views
+
+    def gpa_view(self, gpa: int, length: int) -> memoryview:
+        """A view of guest range [gpa, gpa+length), which must lie in one region."""
+        region = self._table.find_gpa(gpa)
+        if region is None or length < 0 or gpa + length > region.gpa_end:
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{length:#x} is not within one mapped region"
+            )
+        return _slice(region, gpa - region.guest_phys_addr, length)
+
+    def vva_view(self, uaddr: int, length: int) -> memoryview:
+        """A view of front-end user range [uaddr, uaddr+length) (ring areas)."""
+        region = self._table.find_user(uaddr)
+        if region is None or length < 0 or uaddr + length > region.user_end:
+            raise GuestMemoryError(
+                f"front-end range {uaddr:#x}+{length:#x} is not within one mapped region"
+            )
+        return _slice(region, uaddr - region.user_addr, length)
+
+    def locate(self, view: memoryview) -> tuple[int, int]:
+        """(index in `regions`, offset in that region) of a view into our memory.
+
+        Lets a driver domain that maps the regions itself receive references instead of
+        data. Indices are only valid until the table changes.
+        """
+        try:
+            addr = _buffer_address(view)
+        except (TypeError, ValueError) as exc:
+            raise GuestMemoryError(f"not a writable contiguous buffer: {exc}") from exc
+        for i, region in enumerate(self._table.by_gpa):
+            offset = addr - region.host_addr
+            if offset >= 0 and offset + view.nbytes <= region.size:
+                return i, offset
+        raise GuestMemoryError("view does not point into guest memory")

@@ -1,0 +1,151 @@
+"""Packed virtqueues (virtio 1.2 section 2.8): one descriptor ring, two event areas.
+
+vhost-user's SET_VRING_ADDR reuses its split-ring fields for packed rings: the
+descriptor address is the descriptor ring, the "avail" address the driver event
+suppression area (Driver Area) and the "used" address the device event suppression area
+(Device Area).
+"""
+
+from __future__ import annotations
+
+from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.errors import VirtioError
+from vdev.virtio.layout import (
+    DESC,
+    DESC_SIZE,
+    PACKED_FLAGS_OFFSET,
+    PACKED_LEN_ID,
+    PACKED_LEN_OFFSET,
+    U16,
+    WRAP_BIT,
+    DescFlag,
+    avail_used_bits,
+    is_available,
+    off_wrap,
+    packed_notification_wanted,
+    packed_ring_sizes,
+    write_packed_suppression,
+)
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.ring import Virtqueue
+
+#: SET_VRING_BASE of a fresh packed queue: positions 0, both wrap counters 1.
+PACKED_INITIAL_BASE = WRAP_BIT | WRAP_BIT << 16
+
+
+class PackedQueue(Virtqueue):
+    """The device side of a packed virtqueue.
+
+    `avail` is the driver event suppression area and `used` the device event
+    suppression area (see the module docstring). `base` uses the vhost-user encoding:
+    bits 0-14 next available position, bit 15 its wrap counter, bits 16-30 next used
+    position, bit 31 its wrap counter.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        index: int,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        features: int,
+        base: int = PACKED_INITIAL_BASE,
+    ) -> None:
+        desc_len, driver_len, device_len = packed_ring_sizes(size)
+        super().__init__(mem, index, size, features)
+        self._check_area("descriptor ring", desc, desc_len)
+        self._check_area("driver event suppression", avail, driver_len)
+        self._check_area("device event suppression", used, device_len)
+        avail_half, used_half = base & 0xFFFF, base >> 16
+        self._next_avail, self._avail_wrap = avail_half & ~WRAP_BIT, bool(avail_half & WRAP_BIT)
+        self._next_used, self._used_wrap = used_half & ~WRAP_BIT, bool(used_half & WRAP_BIT)
+        if not 0 <= base <= 0xFFFF_FFFF or max(self._next_avail, self._next_used) >= size:
+            raise VirtioError(f"queue {index}: packed ring base {base:#x} does not fit size {size}")
+        self._desc = desc
+        self._driver_event = avail
+        self._device_event = used
+        #: Descriptors used since the last `should_notify`.
+        self._advanced = 0
+        self._set_kicks(True)
+
+    def has_available(self) -> bool:
+        return not self.broken and is_available(self._flags(self._next_avail), self._avail_wrap)
+
+    def get_base(self) -> int:
+        avail = off_wrap(self._next_avail, self._avail_wrap)
+        return avail | off_wrap(self._next_used, self._used_wrap) << 16
+
+    def _flags(self, pos: int) -> int:
+        return U16.unpack_from(self._desc, DESC_SIZE * pos + PACKED_FLAGS_OFFSET)[0]
+
+    def _pop(self) -> DescriptorChain | None:
+        if not self.has_available():
+            return None
+        chain = DescriptorChain(0, [], [], 0)
+        pos, wrap = self._next_avail, self._avail_wrap
+        for count in range(1, self.size + 1):
+            addr, length, buffer_id, flags = DESC.unpack_from(self._desc, DESC_SIZE * pos)
+            if count > 1 and not is_available(flags, wrap):
+                raise self._error(f"chain continues into descriptor {pos}, not made available")
+            if flags & DescFlag.INDIRECT:
+                table = self._indirect_table(addr, length, flags, first=count == 1)
+                self._read_indirect(chain, table)
+            else:
+                self._add_buffer(chain, addr, length, flags)
+            pos += 1
+            if pos == self.size:
+                pos, wrap = 0, not wrap
+            if not flags & DescFlag.NEXT:
+                break
+        else:
+            raise self._error("chain is longer than the queue")
+        # The buffer id is the one of the last descriptor.
+        chain.head, chain.ndescs = buffer_id, count
+        self._next_avail, self._avail_wrap = pos, wrap
+        if self._event_idx and self._kicks_enabled:
+            self._set_kicks(True)
+        return chain
+
+    def _read_indirect(self, chain: DescriptorChain, table: bytes) -> None:
+        # Entries are consecutive; WRITE is their only meaningful flag.
+        for offset in range(0, len(table), DESC_SIZE):
+            addr, length, _, flags = DESC.unpack_from(table, offset)
+            self._check_indirect_entry(flags)
+            self._add_buffer(chain, addr, length, flags & DescFlag.WRITE)
+
+    def _push(self, chain: DescriptorChain, written: int) -> None:
+        offset = DESC_SIZE * self._next_used
+        PACKED_LEN_ID.pack_into(self._desc, offset + PACKED_LEN_OFFSET, written, chain.head)
+        flags = avail_used_bits(self._used_wrap, used=True)
+        if written:
+            flags |= DescFlag.WRITE
+        # Flags last: they hand the descriptor back (x86 keeps stores in order).
+        U16.pack_into(self._desc, offset + PACKED_FLAGS_OFFSET, flags)
+        self._next_used += chain.ndescs
+        if self._next_used >= self.size:
+            self._next_used -= self.size
+            self._used_wrap = not self._used_wrap
+        self._advanced += chain.ndescs
+
+    def _need_notify(self, pushed: int) -> bool:
+        advanced, self._advanced = self._advanced, 0
+        return packed_notification_wanted(
+            self._driver_event,
+            event_idx=self._event_idx,
+            pos=self._next_used,
+            wrap=self._used_wrap,
+            count=advanced,
+            size=self.size,
+        )
+
+    def _set_kicks(self, enabled: bool) -> None:
+        write_packed_suppression(
+            self._device_event,
+            enabled=enabled,
+            event_idx=self._event_idx,
+            pos=self._next_avail,
+            wrap=self._avail_wrap,
+        )

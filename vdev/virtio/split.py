@@ -1,0 +1,158 @@
+"""Split virtqueues (virtio 1.2 section 2.7): descriptor table, avail ring, used ring."""
+
+from __future__ import annotations
+
+from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.errors import VirtioError
+from vdev.virtio.layout import (
+    DESC,
+    DESC_SIZE,
+    SPLIT_RING_OFFSET,
+    U16,
+    USED_ELEM,
+    AvailFlag,
+    DescFlag,
+    UsedFlag,
+    split_notification_wanted,
+    split_ring_sizes,
+    write_split_suppression,
+)
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.ring import Virtqueue
+
+_IDX_OFFSET = 2
+
+
+class SplitQueue(Virtqueue):
+    """The device side of a split virtqueue.
+
+    `desc`, `avail` and `used` are views of the three ring areas; `base` is the
+    SET_VRING_BASE value (the next avail ring entry to process). The used index is read
+    from the used ring, where the previous owner of the queue left it.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        index: int,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        features: int,
+        base: int = 0,
+    ) -> None:
+        desc_len, avail_len, used_len = split_ring_sizes(size)
+        super().__init__(mem, index, size, features)
+        self._check_area("descriptor table", desc, desc_len)
+        self._check_area("avail ring", avail, avail_len)
+        self._check_area("used ring", used, used_len)
+        if not 0 <= base <= 0xFFFF:
+            raise VirtioError(f"queue {index}: split ring base {base:#x} exceeds 16 bits")
+        self._desc = desc
+        self._avail = avail
+        self._used = used
+        #: Offsets of used_event (in the avail ring) and avail_event (in the used ring).
+        self._used_event_offset = SPLIT_RING_OFFSET + 2 * size
+        self._avail_event_offset = SPLIT_RING_OFFSET + USED_ELEM.size * size
+        self._last_avail = base
+        #: Last avail idx read from the ring (saves a read per pop while draining).
+        self._shadow_avail = base
+        self._used_idx = U16.unpack_from(used, _IDX_OFFSET)[0]
+        self._set_kicks(True)
+
+    def has_available(self) -> bool:
+        return not self.broken and self._read_avail_idx() != self._last_avail
+
+    def get_base(self) -> int:
+        return self._last_avail
+
+    def _read_avail_idx(self) -> int:
+        return U16.unpack_from(self._avail, _IDX_OFFSET)[0]
+
+    def _pop(self) -> DescriptorChain | None:
+        if self._shadow_avail == self._last_avail:
+            self._shadow_avail = self._read_avail_idx()
+            pending = (self._shadow_avail - self._last_avail) & 0xFFFF
+            if not pending:
+                return None
+            if pending > self.size:
+                raise self._error(
+                    f"avail idx {self._shadow_avail} is {pending} entries ahead of "
+                    f"{self._last_avail}, more than the queue size"
+                )
+        slot = self._last_avail % self.size
+        head = U16.unpack_from(self._avail, SPLIT_RING_OFFSET + 2 * slot)[0]
+        chain = self._read_chain(head)
+        self._last_avail = (self._last_avail + 1) & 0xFFFF
+        if self._event_idx and self._kicks_enabled:
+            self._set_kicks(True)
+        return chain
+
+    def _read_chain(self, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise self._error(f"head descriptor {head} is beyond the queue size")
+        chain = DescriptorChain(head, [], [], 0)
+        index = head
+        for count in range(1, self.size + 1):
+            addr, length, flags, next_index = DESC.unpack_from(self._desc, DESC_SIZE * index)
+            if flags & DescFlag.INDIRECT:
+                table = self._indirect_table(addr, length, flags, first=count == 1)
+                self._read_indirect(chain, table)
+                break
+            self._add_buffer(chain, addr, length, flags)
+            if not flags & DescFlag.NEXT:
+                break
+            if next_index >= self.size:
+                raise self._error(f"descriptor {index} chains to {next_index}, beyond the queue")
+            index = next_index
+        else:
+            raise self._error(f"chain from head {head} is longer than the queue (a loop?)")
+        chain.ndescs = count
+        return chain
+
+    def _read_indirect(self, chain: DescriptorChain, table: bytes) -> None:
+        entries = len(table) // DESC_SIZE
+        index = 0
+        for _ in range(entries):
+            addr, length, flags, next_index = DESC.unpack_from(table, DESC_SIZE * index)
+            self._check_indirect_entry(flags)
+            self._add_buffer(chain, addr, length, flags)
+            if not flags & DescFlag.NEXT:
+                return
+            if next_index >= entries:
+                raise self._error(
+                    f"indirect descriptor {index} chains to {next_index}, beyond the table"
+                )
+            index = next_index
+        raise self._error("indirect chain is longer than its table (a loop?)")
+
+    def _push(self, chain: DescriptorChain, written: int) -> None:
+        slot = self._used_idx % self.size
+        USED_ELEM.pack_into(
+            self._used, SPLIT_RING_OFFSET + USED_ELEM.size * slot, chain.head, written
+        )
+        # Element before index: x86 keeps stores in order, so the driver never sees an
+        # index covering an element that is not written yet.
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+        U16.pack_into(self._used, _IDX_OFFSET, self._used_idx)
+
+    def _need_notify(self, pushed: int) -> bool:
+        return split_notification_wanted(
+            event_idx=self._event_idx,
+            suppressed=bool(U16.unpack_from(self._avail, 0)[0] & AvailFlag.NO_INTERRUPT),
+            event=U16.unpack_from(self._avail, self._used_event_offset)[0],
+            new=self._used_idx,
+            count=pushed,
+        )
+
+    def _set_kicks(self, enabled: bool) -> None:
+        write_split_suppression(
+            self._used,
+            flag=UsedFlag.NO_NOTIFY,
+            event_offset=self._avail_event_offset,
+            enabled=enabled,
+            event_idx=self._event_idx,
+            idx=self._last_avail,
+        )
