@@ -174,6 +174,7 @@ class Session:
                 )
         finally:
             _close_all(msg.fds)
+        self.device.memory_changed(self.memory)
         await self._resume(running)
 
     async def _on_add_mem_reg(self, msg: Message) -> None:
@@ -185,6 +186,7 @@ class Session:
             )
         finally:
             _close_all(msg.fds)
+        self.device.memory_changed(self.memory)
 
     async def _on_rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryRegionUpdate)
@@ -192,6 +194,7 @@ class Session:
         r = msg.payload.region
         running = await self._pause()
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        self.device.memory_changed(self.memory)
         await self._resume(running)
 
     async def _on_set_vring_num(self, msg: Message) -> None:

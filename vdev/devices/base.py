@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar, Protocol
 
 from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,17 @@ class Device:
     async def handle_message(self, request: int, payload: object) -> object:
         """A device-specific vhost-user request (SEND_RARP, NET_SET_MTU, ...)."""
         raise DeviceError(f"request {request} is not supported by this device")
+
+    def memory_changed(self, memory: GuestMemory) -> None:
+        """Guest memory was mapped or remapped (SET_MEM_TABLE, ADD/REM_MEM_REG).
+
+        Devices normally need not care: chains carry views into the new memory. The
+        default passes the news on to a backend that asks for it (a driver-domain proxy
+        maps the same memory in its child).
+        """
+        hook = getattr(getattr(self, "backend", None), "memory_changed", None)
+        if hook is not None:
+            hook(memory)
 
     def reset(self) -> None:
         """The front-end went away or reset the device: forget negotiated state."""
