@@ -19,6 +19,7 @@ from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
 from vdev.qemu import QemuError, render_args
 from vdev.server import DeviceServer, ServerError
+from vdev.trioutil import unwrap_single
 
 log = logging.getLogger("vdev")
 
@@ -202,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(servers: Sequence[DeviceServer]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, unwrap_single():
         async with trio.open_nursery() as nursery:
             for server in servers:
                 await nursery.start(server.serve)

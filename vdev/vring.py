@@ -149,7 +149,12 @@ class Vring:
             self._signal(self.call_fd)
 
     async def wait_kick(self) -> None:
-        """Sleep until the driver kicks (or, with no kick fd, poll the ring)."""
+        """Sleep until the driver kicks (or, with no kick fd, poll the ring).
+
+        Kicks are re-enabled first; if buffers arrived meanwhile, return at once.
+        """
+        if self.ring is not None and self.ring.enable_kicks():
+            return
         fd = self.kick_fd
         if fd is None:
             while self.ring is not None and not self.ring.has_available():

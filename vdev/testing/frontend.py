@@ -40,6 +40,7 @@ from vdev.protocol import (
 from vdev.server import DeviceServer
 from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
 from vdev.testing.fakemem import FakeGuestMemory
+from vdev.trioutil import unwrap_single
 from vdev.virtio.features import TRANSPORT_FEATURES, VirtioFeature
 
 #: Front-end virtual addresses differ from guest addresses, as in QEMU.
@@ -241,9 +242,10 @@ class Frontend:
 async def serve_device(device: Device, path: str | Path) -> AsyncIterator[Path]:
     """Serve `device` on a socket at `path` in the background, for the block's duration."""
     server = DeviceServer(device, path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        try:
-            yield Path(path)
-        finally:
-            nursery.cancel_scope.cancel()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            try:
+                yield Path(path)
+            finally:
+                nursery.cancel_scope.cancel()

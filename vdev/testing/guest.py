@@ -29,6 +29,7 @@ from typing import BinaryIO
 import trio
 
 from vdev.qemu import USERSPACE_MARKER, GuestCommand, cache_root, choose_accel
+from vdev.trioutil import unwrap_single
 
 log = logging.getLogger(__name__)
 
@@ -510,16 +511,17 @@ async def start_guest(
             stderr=subprocess.PIPE,
             check=False,
         )
-        async with trio.open_nursery() as nursery:
-            # Cancelling run_process terminates QEMU and waits for it to exit.
-            process = await nursery.start(run_qemu)
-            guest = Guest(process, token)
-            nursery.start_soon(guest._pump, process.stdout, guest._console)
-            nursery.start_soon(guest._pump, process.stderr, guest._stderr)
-            try:
-                yield guest
-            finally:
-                nursery.cancel_scope.cancel()
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                # Cancelling run_process terminates QEMU and waits for it to exit.
+                process = await nursery.start(run_qemu)
+                guest = Guest(process, token)
+                nursery.start_soon(guest._pump, process.stdout, guest._console)
+                nursery.start_soon(guest._pump, process.stderr, guest._stderr)
+                try:
+                    yield guest
+                finally:
+                    nursery.cancel_scope.cancel()
 
 
 async def run_guest(

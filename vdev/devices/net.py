@@ -1,0 +1,612 @@
+"""virtio-net (virtio 1.2, section 5.1): Ethernet frames between a guest and a NetBackend.
+
+Queues are rx0, tx0, rx1, tx1, ... (the front-end keeps the control queue to itself,
+as QEMU and DPDK's virtio-user do for vhost-user net). Every frame in either direction
+starts with a virtio_net_hdr (12 bytes, or 10 for a legacy driver without MRG_RXBUF).
+The device strips that header before handing a frame to the backend and writes a
+neutral one in front of received frames, unless the backend sets `vnet_hdr` (a TAP
+opened with IFF_VNET_HDR): then the header travels untouched and the checksum and
+segmentation offloads the backend supports are offered to the driver.
+
+Receive side: frames the backend gives to `deliver` wait in a bounded backlog per
+receive queue; a backend with `fileno()` is read straight into the guest's buffers
+(zero copy) by receive queue 0 whenever its fd is readable. Without buffers the queue
+sleeps until the driver kicks. A frame too large for the guest's buffers is dropped
+and counted, never truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import zlib
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag, auto
+from typing import ClassVar
+
+import trio
+
+from vdev.backend import NetBackend
+from vdev.devices.base import Device, DeviceError, Queue
+from vdev.protocol.constants import ProtocolFeature, Request
+from vdev.units import parse_bool, parse_int
+from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.features import VirtioFeature
+
+log = logging.getLogger(__name__)
+
+
+class NetFeature(IntFlag):
+    """virtio-net feature bits (virtio 1.2, 5.1.3)."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
+
+
+#: The offloads a `vnet_hdr` backend may declare in `offload_features`.
+OFFLOAD_FEATURES = (
+    NetFeature.CSUM
+    | NetFeature.GUEST_CSUM
+    | NetFeature.GUEST_TSO4
+    | NetFeature.GUEST_TSO6
+    | NetFeature.GUEST_ECN
+    | NetFeature.GUEST_UFO
+    | NetFeature.HOST_TSO4
+    | NetFeature.HOST_TSO6
+    | NetFeature.HOST_ECN
+    | NetFeature.HOST_UFO
+)
+#: Offloads that hand the driver frames larger than the MTU.
+GUEST_GSO = NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO
+
+
+class NetStatus(IntFlag):
+    """`status` field of the configuration space."""
+
+    LINK_UP = 1
+    ANNOUNCE = 2
+
+
+class HdrFlag(IntFlag):
+    """`flags` of struct virtio_net_hdr."""
+
+    NEEDS_CSUM = 1
+    DATA_VALID = 2
+    RSC_INFO = 4
+
+
+class GsoType(IntEnum):
+    """`gso_type` of struct virtio_net_hdr."""
+
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+    UDP_L4 = 5
+    ECN = 0x80
+
+
+# Plain ints for the per-frame path (IntFlag arithmetic costs a call each time).
+_NEEDS_CSUM = int(HdrFlag.NEEDS_CSUM)
+_GSO_NONE = int(GsoType.NONE)
+
+#: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+#: num_buffers (the last field only with VERSION_1 or MRG_RXBUF).
+NET_HDR = struct.Struct("<BBHHHHH")
+NUM_BUFFERS = struct.Struct("<H")
+NUM_BUFFERS_OFFSET = 10
+#: struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu.
+NET_CONFIG = struct.Struct("<6sHHH")
+
+ETH_HLEN = 14
+VLAN_HLEN = 4
+#: The largest frame a driver may receive: a 64 KiB IP packet (GSO) in a tagged frame.
+MAX_FRAME = 0xFFFF + ETH_HLEN + VLAN_HLEN
+DEFAULT_MTU = 1500
+MIN_MTU = 68
+#: Frames placed per pass before yielding to other tasks (and notifying the driver).
+RX_BATCH = 64
+
+
+def vnet_hdr_len(features: int) -> int:
+    """Size of the virtio-net header the driver uses with `features` (12 or legacy 10)."""
+    if features & (VirtioFeature.VERSION_1 | NetFeature.MRG_RXBUF):
+        return NET_HDR.size
+    return NET_HDR.size - NUM_BUFFERS.size
+
+
+def consistent_offloads(features: int) -> int:
+    """`features` minus any offload whose prerequisite (virtio 1.2, 5.1.3.1) is missing."""
+    drop = 0
+    if not features & NetFeature.GUEST_CSUM:
+        drop |= GUEST_GSO | NetFeature.GUEST_ECN
+    if not features & (NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6):
+        drop |= NetFeature.GUEST_ECN
+    if not features & NetFeature.CSUM:
+        drop |= NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6 | NetFeature.HOST_UFO
+        drop |= NetFeature.HOST_ECN
+    if not features & (NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6):
+        drop |= NetFeature.HOST_ECN
+    # int(): inverting an IntFlag would also clear every bit outside NetFeature.
+    return features & ~int(drop)
+
+
+def parse_mac(text: str | bytes) -> bytes:
+    """b"\\x52\\x54..." from "52:54:00:12:34:56" (or 6 raw bytes); ValueError if malformed."""
+    if isinstance(text, bytes):
+        if len(text) != 6:
+            raise ValueError(f"a MAC address has 6 bytes, not {len(text)}")
+        return text
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def rarp_announce(mac: bytes) -> bytes:
+    """The RARP "reverse request" frame QEMU broadcasts to announce `mac` after migration."""
+    eth = b"\xff" * 6 + mac + b"\x80\x35"
+    rarp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (eth + rarp).ljust(60, b"\0")
+
+
+def flow_hash(frame: bytes | memoryview) -> int:
+    """A hash of the IP addresses and L4 ports of `frame`, 0 for non-IP frames."""
+    if len(frame) < ETH_HLEN:
+        return 0
+    ethertype = frame[12] << 8 | frame[13]
+    if ethertype == 0x0800:  # IPv4: addresses and the first 4 bytes after a 20-byte header
+        return zlib.crc32(memoryview(frame)[26:38])
+    if ethertype == 0x86DD:  # IPv6: addresses
+        return zlib.crc32(memoryview(frame)[22:54])
+    return 0
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """`views` without their first `n` bytes."""
+    first = views[0]
+    if first.nbytes > n:
+        return [first[n:], *views[1:]] if n else views
+    out: list[memoryview] = []
+    for view in views:
+        if n >= view.nbytes:
+            n -= view.nbytes
+        else:
+            out.append(view[n:] if n else view)
+            n = 0
+    return out
+
+
+class _Rx(IntEnum):
+    """Outcome of placing one frame into a receive queue."""
+
+    PLACED = auto()
+    DROPPED = auto()
+    STARVED = auto()  # no guest buffers: wait for a kick
+    EMPTY = auto()  # the backend has no frame
+
+
+@dataclass(slots=True)
+class _Counters:
+    frames: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _RxQueue:
+    """State of one receive queue."""
+
+    pair: int
+    frames: deque[bytes | bytearray] = field(default_factory=deque)
+    counters: _Counters = field(default_factory=_Counters)
+    #: Set while the queue runs.
+    queue: Queue | None = None
+    #: The backend fd this queue reads (queue 0 of a backend with `fileno()`).
+    fd: int | None = None
+    #: Chains popped for frames and not used yet, with their writable size.
+    pool: deque[tuple[DescriptorChain, int]] = field(default_factory=deque)
+    space: int = 0
+    #: Cancelled to wake the queue's task when frames arrive.
+    wake_scope: trio.CancelScope | None = None
+    #: Catches the part of a backend frame beyond the buffers offered (fd path).
+    overflow: memoryview | None = None
+
+    def wake(self) -> None:
+        if self.wake_scope is not None:
+            self.wake_scope.cancel()
+
+
+class NetDevice(Device):
+    """A virtio-net device whose frames come from and go to a NetBackend."""
+
+    device_id: ClassVar[int] = 1
+    protocol_features: ClassVar[int] = ProtocolFeature.RARP | ProtocolFeature.NET_MTU
+
+    def __init__(
+        self,
+        backend: NetBackend,
+        *,
+        queues: int | str = 1,
+        mac: str | bytes | None = None,
+        mtu: int | str | None = None,
+        max_queue_size: int | str = 1024,
+        rx_backlog: int | str = 256,
+        mrg_rxbuf: bool | str = True,
+    ) -> None:
+        pairs = _int_option("queues", queues, 1, 0x8000)
+        super().__init__(
+            num_queues=2 * pairs,
+            max_queue_size=_int_option("max_queue_size", max_queue_size, 1, 0x8000),
+        )
+        self.backend = backend
+        self.num_queue_pairs = pairs
+        try:
+            self.mac = None if mac is None else parse_mac(mac)
+        except ValueError as exc:
+            raise ValueError(f"mac: {exc}") from None
+        self.mtu = None if mtu is None else _int_option("mtu", mtu, MIN_MTU, 0xFFFF)
+        self.rx_backlog = _int_option("rx_backlog", rx_backlog, 1, 1 << 20)
+        try:
+            self.mrg_rxbuf = parse_bool(mrg_rxbuf)
+        except ValueError as exc:
+            raise ValueError(f"mrg_rxbuf: {exc}") from None
+        self._rx = [_RxQueue(pair) for pair in range(pairs)]
+        self._tx = [_Counters() for _ in range(pairs)]
+        self._active_rx: list[_RxQueue] = []
+        self._drops: Counter[str] = Counter()
+        self._rarp_sent = 0
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._configure(0)
+        backend.attach(self._deliver)
+
+    # --- negotiation -------------------------------------------------------------------
+
+    def features(self) -> int:
+        offered = NetFeature.STATUS
+        if self.mrg_rxbuf:
+            offered |= NetFeature.MRG_RXBUF
+        if self.mac is not None:
+            offered |= NetFeature.MAC
+        if self.mtu is not None:
+            offered |= NetFeature.MTU
+        if self.num_queue_pairs > 1:
+            offered |= NetFeature.MQ
+        if self.backend.vnet_hdr:
+            offered |= consistent_offloads(self.backend.offload_features & OFFLOAD_FEATURES)
+        return int(offered)
+
+    def config(self) -> bytes:
+        return NET_CONFIG.pack(
+            self.mac or bytes(6), NetStatus.LINK_UP, self.num_queue_pairs, self.mtu or 0
+        )
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self._configure(features)
+        self.backend.set_features(features)
+
+    def reset(self) -> None:
+        super().reset()
+        for rx in self._rx:
+            rx.frames.clear()
+        self._configure(0)
+
+    def _configure(self, features: int) -> None:
+        self._hdr_len = vnet_hdr_len(features)
+        self._mrg = bool(features & NetFeature.MRG_RXBUF)
+        self._vnet = self.backend.vnet_hdr
+        #: Bytes of buffers gathered before reading the backend fd: an MTU-sized frame
+        #: (bigger ones spill into the overflow buffer and are copied into more chains).
+        self._rx_need = self._hdr_len + (self.mtu or DEFAULT_MTU) + ETH_HLEN + VLAN_HLEN
+        self._rx_hdr = bytearray(self._hdr_len)
+
+    async def handle_message(self, request: int, payload: object) -> object:
+        if request == Request.SEND_RARP:
+            if not isinstance(payload, bytes) or len(payload) != 6:
+                raise DeviceError(f"SEND_RARP: {payload!r} is not a MAC address")
+            self._announce(payload)
+            return None
+        if request == Request.NET_SET_MTU:
+            if not isinstance(payload, int) or not MIN_MTU <= payload <= 0xFFFF:
+                raise DeviceError(f"NET_SET_MTU: MTU {payload} outside {MIN_MTU}..65535")
+            log.info("front-end set the MTU to %d", payload)
+            self.mtu = payload
+            self._configure(self.acked_features)
+            return None
+        return await super().handle_message(request, payload)
+
+    def _announce(self, mac: bytes) -> None:
+        frame = rarp_announce(mac)
+        if self._vnet:
+            frame = bytes(self._hdr_len) + frame
+        try:
+            self.backend.transmit([memoryview(frame)])
+        except OSError as exc:
+            log.warning("RARP announce of %s failed: %s", format_mac(mac), exc)
+            return
+        self._rarp_sent += 1
+        log.info("announced %s (RARP)", format_mac(mac))
+
+    # --- queues ------------------------------------------------------------------------
+
+    async def run_queue(self, queue: Queue) -> None:
+        pair, is_tx = divmod(queue.index, 2)
+        if is_tx:
+            await queue.serve(self._transmit)
+        else:
+            await self._run_rx(queue, self._rx[pair])
+
+    def _transmit(self, queue: Queue) -> None:
+        counters = self._tx[queue.index // 2]
+        hdr_len = self._hdr_len
+        vnet = self._vnet
+        transmit = self.backend.transmit
+        pushed = False
+        while (chain := queue.pop()) is not None:
+            pushed = True
+            views = chain.readable
+            size = chain.readable_len - hdr_len
+            if size < 0 or (not vnet and self._tx_offload_requested(views)):
+                self._drops["tx_malformed" if size < 0 else "tx_offload"] += 1
+            else:
+                try:
+                    transmit(views if vnet else _skip(views, hdr_len))
+                    counters.frames += 1
+                    counters.bytes += size
+                except OSError as exc:
+                    self._drops["tx_backend_error"] += 1
+                    log.debug("queue %d: backend transmit failed: %s", queue.index, exc)
+            queue.push(chain, 0)  # only now may the driver reuse the buffers
+        if pushed:
+            queue.notify()
+
+    @staticmethod
+    def _tx_offload_requested(views: list[memoryview]) -> bool:
+        """True if the driver asked for an offload we never offered (checksum, GSO)."""
+        first = views[0]
+        head = first[:2] if first.nbytes >= 2 else b"".join(views)[:2]
+        return bool(head[0] & _NEEDS_CSUM or head[1] != _GSO_NONE)
+
+    async def _run_rx(self, queue: Queue, rx: _RxQueue) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
+        rx.queue = queue
+        rx.fd = self.backend.fileno() if rx.pair == 0 else None
+        if rx.fd is not None and rx.overflow is None:
+            rx.overflow = memoryview(bytearray(NET_HDR.size + MAX_FRAME + 1))
+        self._active_rx.append(rx)
+        try:
+            while True:
+                state = self._fill(rx)
+                if state is _Rx.STARVED:
+                    await queue.wait_kick()
+                elif state is _Rx.PLACED:  # batch budget used up: let others run
+                    await trio.lowlevel.checkpoint()
+                else:
+                    with trio.CancelScope() as rx.wake_scope:
+                        if rx.fd is None:
+                            await trio.sleep_forever()
+                        else:
+                            await trio.lowlevel.wait_readable(rx.fd)
+                    rx.wake_scope = None
+        finally:
+            self._active_rx.remove(rx)
+            rx.wake_scope = None
+            self._release_pool(rx)
+            rx.queue = None
+
+    def _release_pool(self, rx: _RxQueue) -> None:
+        """Give back the buffers held for frames that never came (0 bytes written)."""
+        queue = rx.queue
+        if not rx.pool or queue is None:
+            return
+        while rx.pool:
+            queue.push(rx.pool.popleft()[0], 0)
+        rx.space = 0
+        queue.notify()
+
+    def _fill(self, rx: _RxQueue) -> _Rx:
+        """Place frames until the backend or the guest's buffers run dry (or the batch
+        budget is spent: PLACED). Returns EMPTY (wait for frames) or STARVED."""
+        assert rx.queue is not None
+        state = _Rx.PLACED
+        pushed = False
+        for _ in range(RX_BATCH):
+            if rx.frames:
+                result = self._place(rx, rx.frames[0])
+                if result is not _Rx.STARVED:
+                    rx.frames.popleft()
+            elif rx.fd is not None:
+                result = self._receive(rx)
+            else:
+                result = _Rx.EMPTY
+            if result is _Rx.STARVED or result is _Rx.EMPTY:
+                state = result
+                break
+            pushed |= result is _Rx.PLACED
+        if pushed:
+            rx.queue.notify()
+        return state
+
+    def _reserve(self, rx: _RxQueue, size: int) -> bool:
+        """Pool enough chains for `size` bytes (one chain without MRG_RXBUF); False if
+        the ring ran dry first."""
+        queue = rx.queue
+        assert queue is not None
+        target = size if self._mrg else 1
+        while (rx.space if self._mrg else len(rx.pool)) < target:
+            chain = queue.pop()
+            if chain is None:
+                return False
+            space = chain.writable_len
+            rx.pool.append((chain, space))
+            rx.space += space
+        return True
+
+    def _place(self, rx: _RxQueue, frame: bytes | bytearray) -> _Rx:
+        """Copy a delivered frame into the guest's buffers."""
+        size = len(frame) if self._vnet else self._hdr_len + len(frame)
+        if size > self._hdr_len + MAX_FRAME or size < self._hdr_len:
+            return self._drop_rx("rx_oversize" if size > self._hdr_len else "rx_malformed")
+        if not self._reserve(rx, size):
+            return _Rx.STARVED
+        if size > rx.space:  # without MRG_RXBUF: the one chain is too small
+            return self._drop_rx("rx_oversize")
+        self._scatter(rx, frame, 0 if self._vnet else self._hdr_len)
+        return self._commit(rx, size)
+
+    def _receive(self, rx: _RxQueue) -> _Rx:
+        """Read one frame from the backend fd straight into the guest's buffers."""
+        if not self._reserve(rx, self._rx_need):
+            return _Rx.STARVED
+        assert rx.overflow is not None
+        offered = rx.space
+        iov: list[memoryview] = []
+        for chain, _ in rx.pool:
+            iov.extend(chain.writable)
+        if not self._vnet:
+            iov = _skip(iov, self._hdr_len)
+        iov.append(rx.overflow)
+        try:
+            n = self.backend.receive_into(iov)
+        except BlockingIOError:
+            return _Rx.EMPTY
+        except OSError as exc:
+            log.error("backend receive failed, no longer reading its fd: %s", exc)
+            self._drops["rx_backend_error"] += 1
+            rx.fd = None
+            return _Rx.EMPTY
+        size = n if self._vnet else self._hdr_len + n
+        if size >= offered + rx.overflow.nbytes or size < self._hdr_len:
+            return self._drop_rx("rx_oversize" if size > self._hdr_len else "rx_malformed")
+        if size > offered:
+            if not self._mrg:
+                return self._drop_rx("rx_oversize")
+            if not self._reserve(rx, size):
+                return self._drop_rx("rx_no_buffers")
+            self._scatter(rx, rx.overflow[: size - offered], offered)
+        return self._commit(rx, size)
+
+    def _drop_rx(self, reason: str) -> _Rx:
+        self._drops[reason] += 1
+        return _Rx.DROPPED
+
+    @staticmethod
+    def _scatter(rx: _RxQueue, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write `data` at byte `offset` of the pooled chains, taken end to end."""
+        src = memoryview(data)
+        done = 0
+        for chain, space in rx.pool:
+            if offset >= space:
+                offset -= space
+                continue
+            done += chain.write_into(src[done:] if done else src, offset)
+            offset = 0
+            if done == src.nbytes:
+                return
+
+    def _commit(self, rx: _RxQueue, size: int) -> _Rx:
+        """Complete the pooled chains holding a `size`-byte frame (header included)."""
+        queue = rx.queue
+        assert queue is not None
+        count = 0
+        covered = 0
+        for _, space in rx.pool:
+            count += 1
+            covered += space
+            if covered >= size:
+                break
+        first = rx.pool[0][0]
+        if not self._vnet:
+            if self._hdr_len == NET_HDR.size:
+                NUM_BUFFERS.pack_into(self._rx_hdr, NUM_BUFFERS_OFFSET, count)
+            first.write_into(self._rx_hdr)
+        elif self._hdr_len == NET_HDR.size:
+            first.write_into(NUM_BUFFERS.pack(count), NUM_BUFFERS_OFFSET)
+        left = size
+        for _ in range(count):
+            chain, space = rx.pool.popleft()
+            rx.space -= space
+            written = min(space, left)
+            queue.push(chain, written)
+            left -= written
+        rx.counters.frames += 1
+        rx.counters.bytes += size - self._hdr_len
+        return _Rx.PLACED
+
+    # --- frames from the backend -------------------------------------------------------
+
+    def _deliver(self, frame: bytes | memoryview) -> bool:
+        """The backend's DeliverFn: queue `frame` for a receive queue (any thread)."""
+        active = self._active_rx
+        if not active:
+            self._drops["rx_not_ready"] += 1
+            return False
+        rx = active[flow_hash(frame) % len(active)] if len(active) > 1 else active[0]
+        if len(rx.frames) >= self.rx_backlog:
+            self._drops["rx_backlog_full"] += 1
+            return False
+        rx.frames.append(bytes(frame) if isinstance(frame, memoryview) else frame)
+        if threading.get_ident() == self._trio_thread:
+            rx.wake()
+        elif self._trio_token is not None:
+            try:
+                self._trio_token.run_sync_soon(rx.wake)
+            except trio.RunFinishedError:
+                return False
+        return True
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # --- counters ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pair, (rx, tx) in enumerate(zip(self._rx, self._tx, strict=True)):
+            out[f"rx{pair}_frames"] = rx.counters.frames
+            out[f"rx{pair}_bytes"] = rx.counters.bytes
+            out[f"tx{pair}_frames"] = tx.frames
+            out[f"tx{pair}_bytes"] = tx.bytes
+        out["rx_frames"] = sum(rx.counters.frames for rx in self._rx)
+        out["tx_frames"] = sum(tx.frames for tx in self._tx)
+        out.update({f"drop_{reason}": n for reason, n in sorted(self._drops.items())})
+        out["rarp_sent"] = self._rarp_sent
+        return out
+
+
+def _int_option(name: str, value: int | str, low: int, high: int) -> int:
+    """`value` as an int in low..high; ValueError naming the option otherwise."""
+    try:
+        return parse_int(value, low, high)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
