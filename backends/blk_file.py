@@ -67,6 +67,10 @@ class FileBackend(BlockBackend):
     not aligned for it go through an ordinary descriptor of the same file instead.
     """
 
+    #: preadv/pwritev are safe from several threads at once: the device may keep this
+    #: many calls per queue in flight, so large transfers overlap on the host disk.
+    max_concurrency = 8
+
     def __init__(
         self,
         path: str | os.PathLike[str],

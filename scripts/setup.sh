@@ -10,7 +10,7 @@ SUDO=""
 
 # qemu-utils brings qemu-storage-daemon (the C reference in benchmarks); busybox-static,
 # fio, e2fsprogs and util-linux are copied into the test guest's initramfs.
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio e2fsprogs util-linux iproute2 kmod)
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio e2fsprogs util-linux iproute2 kmod dpdk-dev librte-net-virtio23 librte-net-vhost23)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
@@ -17,13 +19,21 @@ from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
-from vdev.qemu import QemuError, render_args
+from vdev.qemu import ACCELS, QemuError, render_args
 from vdev.server import DeviceServer, ServerError
 from vdev.trioutil import unwrap_single
+from vdev.units import parse_size
 
 log = logging.getLogger("vdev")
 
 EXIT_USAGE = 2
+
+
+class _HasName(Protocol):
+    name: str
+
+
+_Named = TypeVar("_Named", bound=_HasName)
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +51,37 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing")
+    return names
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -155,7 +196,80 @@ def _build_parser() -> Parser:
     qemu.add_argument("--mem", default="1G", help="guest memory size, equal to QEMU -m")
     qemu.add_argument("--id", default=None, help="QEMU device id (default vdev-TYPE0)")
     qemu.set_defaults(func=_cmd_qemu_args)
+
+    demo = sub.add_parser(
+        "demo",
+        help="boot a Linux guest on vdev devices and show what happened",
+        description="Serve a temporary disk image from this process, boot a Linux guest on "
+        "it under QEMU; the guest formats it (ext4), writes and reads back files; then "
+        "print the guest's output, the device's request counts, bytes moved and times.",
+    )
+    demo.add_argument(
+        "--keep-image", type=Path, metavar="PATH", help="keep the guest's disk image at PATH"
+    )
+    _accel_option(demo)
+    demo.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up after this long (default 300)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="compare vdev with the C references on the same guest and workloads",
+        description="Boot the same guest on each target in turn (vdev, qemu-storage-daemon's "
+        "vhost-user-blk export, QEMU's built-in virtio-blk) and run the same fio workloads "
+        "in it; print medians over the repetitions and ratios to qemu-storage-daemon.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run: 1 repetition, 1 s per workload, 64 MiB image",
+    )
+    bench.add_argument(
+        "-n", "--repetitions", type=_positive_int, help="runs per target (default 5)"
+    )
+    bench.add_argument(
+        "--runtime", type=_positive_float, metavar="SECONDS", help="per workload (default 10)"
+    )
+    bench.add_argument(
+        "--ramp", type=_non_negative_float, metavar="SECONDS", help="warm-up (default 2)"
+    )
+    bench.add_argument("--size", help="disk image size (default 1G)")
+    bench.add_argument(
+        "--targets", type=_names, metavar="NAME,...", help="rows to run (default: all)"
+    )
+    bench.add_argument(
+        "--workloads", type=_names, metavar="NAME,...", help="workloads to run (default: all)"
+    )
+    bench.add_argument(
+        "--dir", type=Path, metavar="DIR", help="where the image goes (default: temp dir)"
+    )
+    bench.add_argument(
+        "--qsd-aio",
+        choices=("threads", "native", "io_uring"),
+        default="threads",
+        help="qemu-storage-daemon's aio= (default threads, as vdev and builtin-blk use)",
+    )
+    _accel_option(bench)
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--png", type=Path, metavar="FILE", help="draw a bar chart (matplotlib)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _accel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accel",
+        choices=ACCELS,
+        default="auto",
+        help="QEMU accelerator (default auto: KVM only where it really boots a guest)",
+    )
 
 
 _RUN_OPTIONS = (
@@ -230,6 +344,80 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         params["mq"] = args.queues > 1
     argv = render_args("memory", mem_size=args.mem) + render_args(f"vdev-{args.type}", **params)
     print(shlex.join(argv))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vdev.demo import DemoError, DemoOptions, run_demo
+    from vdev.testing.guest import GuestError
+
+    options = DemoOptions(keep_image=args.keep_image, accel=args.accel, timeout=args.timeout)
+    if options.keep_image is not None and not options.keep_image.parent.is_dir():
+        raise ConfigError(f"--keep-image: directory {options.keep_image.parent} does not exist")
+    try:
+        report = trio.run(run_demo, options)
+    except (DemoError, GuestError) as exc:
+        print(f"vdev demo: failed: {exc}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+BENCH_EPILOG = """\
+targets: vdev (the file backend in a `vdev run` daemon), qsd (qemu-storage-daemon,
+  the reference), builtin (QEMU's own virtio-blk)
+workloads: randread-4k-qd1, randread-4k-qd32, read-1m-qd8, write-1m-qd8
+
+examples:
+  vdev bench                                 # 5 repetitions, about 15 minutes
+  vdev bench --quick                         # a smoke run of a minute or so
+  vdev bench -n 3 --json bench.json --png bench.png
+"""
+
+
+def _select(items: Sequence[_Named], names: Sequence[str] | None, option: str) -> list[_Named]:
+    if names is None:
+        return list(items)
+    known = {item.name: item for item in items}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return [known[name] for name in names]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vdev.bench import blk, report
+    from vdev.bench.core import BenchError, BenchSettings, run_bench
+    from vdev.testing.guest import GuestError
+
+    quick = {"repetitions": 1, "runtime": 1.0, "ramp": 0.0, "size": "64M"} if args.quick else {}
+    chosen = {k: getattr(args, k) for k in ("repetitions", "runtime", "ramp", "size")}
+    values = {**quick, **{k: v for k, v in chosen.items() if v is not None}}
+    try:
+        size = parse_size(values.pop("size", "1G"), multiple_of=1 << 20)
+    except ValueError as exc:
+        raise ConfigError(f"--size: {exc} (a whole number of MiB)") from None
+    if args.dir is not None and not args.dir.is_dir():
+        raise ConfigError(f"--dir: {args.dir} is not a directory")
+    settings = BenchSettings(
+        **values, size=size, accel=args.accel, workdir=args.dir, qsd_aio=args.qsd_aio
+    )
+    targets = _select(blk.TARGETS, args.targets, "--targets")
+    workloads = _select(blk.WORKLOADS, args.workloads, "--workloads")
+    try:
+        if args.png is not None:
+            report.pyplot()  # fail now rather than after the runs
+        result = trio.run(
+            partial(run_bench, targets, workloads, settings, prepare=blk.prepare_image)
+        )
+    except (BenchError, GuestError) as exc:
+        print(f"vdev bench: failed: {exc}", file=sys.stderr)
+        return 1
+    print(report.table(result))
+    if args.json is not None:
+        report.write_json(result, args.json)
+    if args.png is not None:
+        report.write_png(result, args.png)
     return 0
 
 

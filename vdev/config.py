@@ -22,6 +22,9 @@ from typing import Any
 
 from vdev.backend import BackendError
 from vdev.devices.base import Device
+from vdev.domain.confine import ConfineError, lookup_user
+from vdev.domain.host import DomainError
+from vdev.domain.proxy import attach, open_backend
 from vdev.domain.spec import DomainSpec
 from vdev.plugins import Kind, PluginNotFound, load
 
@@ -101,6 +104,8 @@ def build_device(spec: DeviceSpec) -> Device:
     if backend_kind is None:
         if spec.backend is not None:
             raise ConfigError(f"device type {spec.type!r} takes no backend")
+        if spec.domain.kind == "driver":
+            raise ConfigError(f"device type {spec.type!r} has no backend to run in a driver domain")
         _check_options(spec.options, _accepted(device_cls), f"device {spec.type!r}")
         return _construct(device_cls, (), spec.options, f"device {spec.type!r}")
     if backend_cls is None:
@@ -112,12 +117,32 @@ def build_device(spec: DeviceSpec) -> Device:
     )
     backend_opts = {k: v for k, v in spec.options.items() if k in backend_keys}
     device_opts = {k: v for k, v in spec.options.items() if k in device_keys}
-    backend = _construct(backend_cls, (), backend_opts, f"{spec.backend} backend")
+    if spec.domain.kind == "driver":
+        backend = _driver_backend(backend_kind, spec, backend_opts)
+    else:
+        backend = _construct(backend_cls, (), backend_opts, f"{spec.backend} backend")
     try:
-        return _construct(device_cls, (backend,), device_opts, f"{spec.type} device")
+        device = _construct(device_cls, (backend,), device_opts, f"{spec.type} device")
     except ConfigError:
         backend.close()
         raise
+    if spec.domain.kind == "driver":
+        attach(device, backend)
+    return device
+
+
+def _driver_backend(kind: Kind, spec: DeviceSpec, options: dict[str, Any]) -> Any:
+    """The proxy of a backend started in a driver domain (a child process)."""
+    assert spec.backend is not None
+    if spec.domain.user is not None:
+        try:
+            lookup_user(spec.domain.user)
+        except ConfineError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        return open_backend(kind, spec.backend, options, spec.domain)
+    except DomainError as exc:
+        raise ConfigError(f"{spec.backend} backend: {exc}") from exc
 
 
 def _domain_from_toml(value: object, where: str) -> DomainSpec:

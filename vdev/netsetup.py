@@ -163,6 +163,17 @@ def remove_link(ipr: IPRoute, ifname: str) -> bool:
     return True
 
 
+def move_link(ipr: IPRoute, ifname: str, netns_name: str) -> None:
+    """Move `ifname` into network namespace `netns_name`; fds open on it stay valid."""
+    ipr.link("set", index=_index(ipr, ifname), net_ns_fd=netns_name)
+
+
+def has_carrier(ipr: IPRoute, ifname: str) -> bool:
+    """Whether `ifname` exists and has carrier (a TAP: some process has it open)."""
+    index = link_index(ipr, ifname)
+    return index is not None and ipr.get_links(index)[0].get_attr("IFLA_CARRIER") == 1
+
+
 def set_up(ipr: IPRoute, ifname: str) -> None:
     ipr.link("set", index=_index(ipr, ifname), state="up")
 

@@ -177,10 +177,23 @@ class Session:
         self.device.memory_changed(self.memory)
         await self._resume(running)
 
+    def _known_region(self, update: MemoryRegionUpdate) -> bool:
+        """Whether exactly this region is mapped already.
+
+        QEMU 7.2 sends ADD_MEM_REG and REM_MEM_REG once per vhost device, and a
+        multi-queue NIC has one per queue pair: repeats are not errors.
+        """
+        r = update.region
+        key = (r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        return any((m.guest_phys_addr, m.size, m.user_addr) == key for m in self.memory.regions)
+
     async def _on_add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryRegionUpdate)
         r = msg.payload.region
         try:
+            if self._known_region(msg.payload):
+                log.debug("%s: region %#x added again; ignored", self.name, r.guest_phys_addr)
+                return
             self.memory.add_region(
                 r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, msg.fds[0]
             )
@@ -192,6 +205,9 @@ class Session:
         assert isinstance(msg.payload, MemoryRegionUpdate)
         _close_all(msg.fds)
         r = msg.payload.region
+        if not self._known_region(msg.payload):
+            log.debug("%s: region %#x removed again; ignored", self.name, r.guest_phys_addr)
+            return
         running = await self._pause()
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
         self.device.memory_changed(self.memory)

@@ -19,6 +19,7 @@ from vdev.devices.base import Device
 from vdev.protocol import VringAddress
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import DescriptorError, VirtioError
+from vdev.virtio.features import VirtioFeature
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Virtqueue, initial_base, make_queue
 
@@ -79,10 +80,24 @@ class Vring:
             self.address.avail_user_addr,
             self.address.used_user_addr,
             features=features,
-            base=self.base if self.base is not None else initial_base(features),
+            base=self._ring_base(features),
         )
         await nursery.start(self._work, device)
         log.debug("queue %d started (size %d)", self.index, self.size)
+
+    def _ring_base(self, features: int) -> int:
+        """SET_VRING_BASE as the ring understands it.
+
+        For a packed ring the value carries the next avail position and wrap counter in
+        bits 0-15 and the next used ones in bits 16-31 (QEMU's encoding); DPDK's
+        virtio-user sends the avail half only. Nothing is in flight at a (re)start, so
+        a missing used half is the avail half.
+        """
+        if self.base is None:
+            return initial_base(features)
+        if features & VirtioFeature.RING_PACKED and not self.base >> 16:
+            return self.base | self.base << 16
+        return self.base
 
     async def stop(self) -> None:
         """Stop the worker, letting requests in flight complete; remember the base."""

@@ -18,13 +18,16 @@ class DomainSpec:
 
     `memory` (driver only): `map` lets the child map guest memory and receive
     references (zero copy); `copy` keeps guest memory out of the child, data going
-    through a bounce buffer. `user` and `netns` confine the child further.
+    through a bounce buffer. `user` and `netns` confine the child further; `seccomp`
+    (driver only, on by default) loads a system-call filter in the child when
+    libseccomp is installed.
     """
 
     kind: DomainKind = "inprocess"
     memory: MemoryPolicy = "map"
     user: str | None = None
     netns: str | None = None
+    seccomp: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in DOMAIN_KINDS:
@@ -33,5 +36,7 @@ class DomainSpec:
             raise ValueError(
                 f"domain memory must be one of {', '.join(MEMORY_POLICIES)}, not {self.memory!r}"
             )
+        if not isinstance(self.seccomp, bool):
+            raise ValueError(f"domain seccomp must be true or false, not {self.seccomp!r}")
         if self.kind == "inprocess" and (self.user or self.netns or self.memory != "map"):
             raise ValueError("domain-memory, domain-user and domain-netns need --domain driver")

@@ -1,10 +1,12 @@
 """Wire layout of split and packed virtqueues, shared by the device and driver sides.
 
-All structures are little-endian (virtio 1.x). They are accessed with *native* struct
-formats: those copy each field with a single load or store, while the standard ``<``
-formats go byte by byte and could tear a 16-bit index the other side is updating
-concurrently (a driver seeing ``used.idx`` half-written would consume garbage). Hence
-the little-endian host requirement below.
+All structures are little-endian (virtio 1.x). They are read with *native* struct
+formats: those load each field at once, while the standard ``<`` formats go byte by
+byte and could tear a 16-bit index the other side is updating concurrently. Hence the
+little-endian host requirement below. Beware that ``Struct.pack_into`` zero-fills its
+target before storing: a field the other side polls (split ``used.idx``, packed
+descriptor flags) must be stored through a ``memoryview.cast("H")`` item instead, a
+single 16-bit store.
 
 Memory ordering: both sides write in the order the spec prescribes (buffer contents,
 then ring entry, then index or flags) and rely on the host's total store order (x86-64)
@@ -59,6 +61,12 @@ class DescFlag(IntFlag):
     INDIRECT = 4
     AVAIL = 1 << 7
     USED = 1 << 15
+
+
+#: The flags as plain ints, for per-descriptor tests: ``int & IntFlag`` builds a new
+#: IntFlag object every time, a large share of the cost of reading a chain.
+F_NEXT, F_WRITE, F_INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
+F_AVAIL, F_USED = int(DescFlag.AVAIL), int(DescFlag.USED)
 
 
 class AvailFlag(IntFlag):
@@ -187,18 +195,18 @@ def write_packed_suppression(
 
 def is_available(flags: int, wrap: bool) -> bool:
     """True if a packed descriptor's flags mark it available for wrap counter `wrap`."""
-    return bool(flags & DescFlag.AVAIL) == wrap and bool(flags & DescFlag.USED) != wrap
+    return bool(flags & F_AVAIL) == wrap and bool(flags & F_USED) != wrap
 
 
 def is_used(flags: int, wrap: bool) -> bool:
     """True if a packed descriptor's flags mark it used for wrap counter `wrap`."""
-    return bool(flags & DescFlag.AVAIL) == wrap and bool(flags & DescFlag.USED) == wrap
+    return bool(flags & F_AVAIL) == wrap and bool(flags & F_USED) == wrap
 
 
 def avail_used_bits(wrap: bool, *, used: bool) -> int:
     """The AVAIL/USED flag bits that mark a packed descriptor available or used."""
     used_bit_set = wrap if used else not wrap
-    return (DescFlag.AVAIL if wrap else 0) | (DescFlag.USED if used_bit_set else 0)
+    return (F_AVAIL if wrap else 0) | (F_USED if used_bit_set else 0)
 
 
 class Fence:

@@ -13,12 +13,14 @@ from vdev.virtio.errors import VirtioError
 from vdev.virtio.layout import (
     DESC,
     DESC_SIZE,
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
     PACKED_FLAGS_OFFSET,
     PACKED_LEN_ID,
     PACKED_LEN_OFFSET,
     U16,
     WRAP_BIT,
-    DescFlag,
     avail_used_bits,
     is_available,
     off_wrap,
@@ -65,6 +67,8 @@ class PackedQueue(Virtqueue):
         if not 0 <= base <= 0xFFFF_FFFF or max(self._next_avail, self._next_used) >= size:
             raise VirtioError(f"queue {index}: packed ring base {base:#x} does not fit size {size}")
         self._desc = desc
+        #: The descriptor ring as u16s, to store a flags field in a single 16-bit store.
+        self._desc_u16 = desc[:desc_len].cast("H")
         self._driver_event = avail
         self._device_event = used
         #: Descriptors used since the last `should_notify`.
@@ -90,7 +94,7 @@ class PackedQueue(Virtqueue):
             addr, length, buffer_id, flags = DESC.unpack_from(self._desc, DESC_SIZE * pos)
             if count > 1 and not is_available(flags, wrap):
                 raise self._error(f"chain continues into descriptor {pos}, not made available")
-            if flags & DescFlag.INDIRECT:
+            if flags & F_INDIRECT:
                 table = self._indirect_table(addr, length, flags, first=count == 1)
                 self._read_indirect(chain, table)
             else:
@@ -98,7 +102,7 @@ class PackedQueue(Virtqueue):
             pos += 1
             if pos == self.size:
                 pos, wrap = 0, not wrap
-            if not flags & DescFlag.NEXT:
+            if not flags & F_NEXT:
                 break
         else:
             raise self._error("chain is longer than the queue")
@@ -114,16 +118,19 @@ class PackedQueue(Virtqueue):
         for offset in range(0, len(table), DESC_SIZE):
             addr, length, _, flags = DESC.unpack_from(table, offset)
             self._check_indirect_entry(flags)
-            self._add_buffer(chain, addr, length, flags & DescFlag.WRITE)
+            self._add_buffer(chain, addr, length, flags & F_WRITE)
 
     def _push(self, chain: DescriptorChain, written: int) -> None:
         offset = DESC_SIZE * self._next_used
         PACKED_LEN_ID.pack_into(self._desc, offset + PACKED_LEN_OFFSET, written, chain.head)
         flags = avail_used_bits(self._used_wrap, used=True)
         if written:
-            flags |= DescFlag.WRITE
+            flags |= F_WRITE
         # Flags last: they hand the descriptor back (x86 keeps stores in order).
-        U16.pack_into(self._desc, offset + PACKED_FLAGS_OFFSET, flags)
+        # Not U16.pack_into, which zero-fills first: in a wrap-0 lap the driver would
+        # take the transient 0 for "used", reuse the descriptor, and then lose its new
+        # flags under our store.
+        self._desc_u16[(offset + PACKED_FLAGS_OFFSET) // U16.size] = flags
         self._next_used += chain.ndescs
         if self._next_used >= self.size:
             self._next_used -= self.size

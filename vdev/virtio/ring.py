@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import DescriptorError, GuestMemoryError, VirtioError
 from vdev.virtio.features import VirtioFeature
-from vdev.virtio.layout import DESC_SIZE, DescFlag, Fence
+from vdev.virtio.layout import DESC_SIZE, F_INDIRECT, F_NEXT, F_WRITE, Fence
 from vdev.virtio.memory import GuestMemory
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Virtqueue(ABC):
 
     def _add_buffer(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         """Append a direct descriptor's buffer to `chain`, bounds-checked."""
-        if flags & DescFlag.WRITE:
+        if flags & F_WRITE:
             target = chain.writable
         elif chain.writable:
             raise self._error("device-readable descriptor after a device-writable one")
@@ -154,7 +154,7 @@ class Virtqueue(ABC):
         """Validate an INDIRECT descriptor and return a copy of the table it points to."""
         if not self._indirect:
             raise self._error("indirect descriptor but RING_INDIRECT_DESC was not negotiated")
-        if flags & DescFlag.NEXT or not first:
+        if flags & F_NEXT or not first:
             raise self._error("an indirect descriptor must be alone in its chain")
         if length == 0 or length % DESC_SIZE:
             raise self._error(f"indirect table length {length} is not a positive multiple of 16")
@@ -168,7 +168,7 @@ class Virtqueue(ABC):
             raise self._error(f"indirect table: {exc}") from exc
 
     def _check_indirect_entry(self, flags: int) -> None:
-        if flags & DescFlag.INDIRECT:
+        if flags & F_INDIRECT:
             raise self._error("indirect descriptor inside an indirect table")
 
     @staticmethod

@@ -7,11 +7,12 @@ from vdev.virtio.errors import VirtioError
 from vdev.virtio.layout import (
     DESC,
     DESC_SIZE,
+    F_INDIRECT,
+    F_NEXT,
     SPLIT_RING_OFFSET,
     U16,
     USED_ELEM,
     AvailFlag,
-    DescFlag,
     UsedFlag,
     split_notification_wanted,
     split_ring_sizes,
@@ -60,6 +61,8 @@ class SplitQueue(Virtqueue):
         #: Last avail idx read from the ring (saves a read per pop while draining).
         self._shadow_avail = base
         self._used_idx = U16.unpack_from(used, _IDX_OFFSET)[0]
+        #: used.idx as a one-element u16 array: item assignment is a single 16-bit store.
+        self._used_idx_field = used[_IDX_OFFSET : _IDX_OFFSET + U16.size].cast("H")
         self._set_kicks(True)
 
     def has_available(self) -> bool:
@@ -97,12 +100,12 @@ class SplitQueue(Virtqueue):
         index = head
         for count in range(1, self.size + 1):
             addr, length, flags, next_index = DESC.unpack_from(self._desc, DESC_SIZE * index)
-            if flags & DescFlag.INDIRECT:
+            if flags & F_INDIRECT:
                 table = self._indirect_table(addr, length, flags, first=count == 1)
                 self._read_indirect(chain, table)
                 break
             self._add_buffer(chain, addr, length, flags)
-            if not flags & DescFlag.NEXT:
+            if not flags & F_NEXT:
                 break
             if next_index >= self.size:
                 raise self._error(f"descriptor {index} chains to {next_index}, beyond the queue")
@@ -119,7 +122,7 @@ class SplitQueue(Virtqueue):
             addr, length, flags, next_index = DESC.unpack_from(table, DESC_SIZE * index)
             self._check_indirect_entry(flags)
             self._add_buffer(chain, addr, length, flags)
-            if not flags & DescFlag.NEXT:
+            if not flags & F_NEXT:
                 return
             if next_index >= entries:
                 raise self._error(
@@ -136,7 +139,10 @@ class SplitQueue(Virtqueue):
         # Element before index: x86 keeps stores in order, so the driver never sees an
         # index covering an element that is not written yet.
         self._used_idx = (self._used_idx + 1) & 0xFFFF
-        U16.pack_into(self._used, _IDX_OFFSET, self._used_idx)
+        # Not U16.pack_into: struct zero-fills its target before storing the value, and a
+        # driver polling from another CPU (DPDK) then sees used.idx == 0 for an instant,
+        # takes stale used entries for new ones and corrupts its free list.
+        self._used_idx_field[0] = self._used_idx
 
     def _need_notify(self, pushed: int) -> bool:
         return split_notification_wanted(

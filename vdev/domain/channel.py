@@ -1,0 +1,444 @@
+"""The shared-memory channel between the core and a driver domain: virtqueues in a memfd.
+
+A channel is one sealed memfd holding a few split virtqueues, each with two eventfds
+(kick: core -> child, call: child -> core). The core is the *driver* side of every
+ring (`DriverRing`, here); the child runs vdev.virtio's `SplitQueue` as the *device*
+side, over a `GuestMemory` in which the channel memfd is mapped at `CHANNEL_GPA`.
+
+Per ring the memfd holds the ring areas, one 32-byte slot per descriptor (a request's
+header and result: the slot of a chain is the slot of its head descriptor), a segment
+table per slot, and a bounce area for data that does not travel by reference.
+
+Data travels by reference (policy `map`: the child maps guest memory at the same guest
+addresses) as a table of (guest address, length) segments, which one descriptor points
+to: virtio's indirect-table idea in a leaner form, since a guest's large request is
+scattered over a hundred pages and checking a descriptor per page, on both sides of the
+hop, would cost more than the I/O. Otherwise (`copy`, or buffers outside guest memory)
+the descriptors point into the bounce area, which the core copies to and from.
+
+Nothing here is async; the child imports this module without trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+from enum import IntEnum, IntFlag
+
+from vdev.virtio.layout import (
+    DESC,
+    DESC_SIZE,
+    SPLIT_RING_OFFSET,
+    U16,
+    USED_ELEM,
+    AvailFlag,
+    DescFlag,
+    Fence,
+    UsedFlag,
+    split_notification_wanted,
+    split_ring_sizes,
+    write_split_suppression,
+)
+
+#: Where the channel memfd sits in the child's guest-address space (above any guest).
+CHANNEL_GPA = 1 << 63
+_IDX_OFFSET = 2
+_PAGE = mmap.PAGESIZE
+
+#: A request's header, device-readable: op, flags, segments in its table, byte offset,
+#: length.
+REQUEST = struct.Struct("<IHHQQ")
+#: A request's result, device-writable: errno (0: success), spare.
+RESULT = struct.Struct("<iI")
+SLOT_SIZE = 32
+RESULT_OFFSET = REQUEST.size
+#: A segment table entry: guest address, length (two u64).
+TABLE_ENTRY = 16
+
+
+#: Flags tested on the data path, as plain ints: IntFlag arithmetic builds enum members
+#: and costs microseconds per operation.
+NEXT = int(DescFlag.NEXT)
+WRITE = int(DescFlag.WRITE)
+NO_NOTIFY = int(UsedFlag.NO_NOTIFY)
+
+
+class Op(IntEnum):
+    """What a request asks the child's backend to do."""
+
+    READ = 1
+    WRITE = 2
+    FLUSH = 3
+    DISCARD = 4
+    WRITE_ZEROES = 5
+    TRANSMIT = 16
+    SET_FEATURES = 17
+
+
+class OpFlag(IntFlag):
+    """`flags` of a request header."""
+
+    UNMAP = 1
+
+
+class ChannelError(Exception):
+    """The child broke the ring protocol (a used entry that is not in flight...)."""
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where one ring's pieces are in the channel memfd (byte offsets)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    slots: int
+    tables: int
+    #: Entries of each slot's segment table.
+    table_segments: int
+    bounce: int
+    bounce_len: int
+
+    def to_wire(self) -> list[int]:
+        return list(astuple(self))
+
+    @classmethod
+    def from_wire(cls, fields: Sequence[int]) -> RingLayout:
+        if len(fields) != 9 or not all(isinstance(f, int) and f >= 0 for f in fields):
+            raise ValueError(f"bad ring layout {fields!r}")
+        return cls(*fields)
+
+    @property
+    def end(self) -> int:
+        return self.bounce + self.bounce_len
+
+
+def _align(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def plan(rings: Sequence[tuple[int, int, int]]) -> tuple[list[RingLayout], int]:
+    """Lay out rings given as (queue size, bounce bytes, segments per table); return
+    them and the total size."""
+    layouts = []
+    offset = 0
+    for size, bounce_len, segments in rings:
+        desc_len, avail_len, used_len = split_ring_sizes(size)
+        desc = offset
+        avail = desc + desc_len
+        used = _align(avail + avail_len, 4)
+        slots = _align(used + used_len, SLOT_SIZE)
+        tables = slots + SLOT_SIZE * size
+        bounce = _align(tables + TABLE_ENTRY * segments * size, _PAGE)
+        layouts.append(
+            RingLayout(size, desc, avail, used, slots, tables, segments, bounce, bounce_len)
+        )
+        offset = _align(bounce + bounce_len, _PAGE)
+    return layouts, offset
+
+
+def check_layout(layouts: Sequence[RingLayout], total: int) -> None:
+    """ValueError unless every ring lies within `total` bytes (the child checks this)."""
+    for layout in layouts:
+        desc_len, avail_len, used_len = split_ring_sizes(layout.size)
+        pieces = (
+            (layout.desc, desc_len),
+            (layout.avail, avail_len),
+            (layout.used, used_len),
+            (layout.slots, SLOT_SIZE * layout.size),
+            (layout.tables, TABLE_ENTRY * layout.table_segments * layout.size),
+            (layout.bounce, layout.bounce_len),
+        )
+        if any(start + length > total for start, length in pieces):
+            raise ValueError(f"ring layout {layout} exceeds the channel ({total} bytes)")
+
+
+class Arena:
+    """A bounce area handed out first in, first out (the child completes in order).
+
+    `alloc` returns the pieces (offset, length) of `n` bytes, two if they wrap around,
+    and the position to `release` up to once the request is complete. Space goes in
+    whole pages, so every piece is page aligned (as O_DIRECT wants its buffers).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity % _PAGE:
+            raise ValueError(f"bounce area of {capacity} bytes is not whole pages")
+        self.capacity = capacity
+        self._head = 0
+        self._tail = 0
+
+    def alloc(self, n: int) -> tuple[list[tuple[int, int]], int] | None:
+        reserved = _align(n, _PAGE)
+        if reserved > self.capacity - (self._head - self._tail):
+            return None
+        start = self._head % self.capacity
+        first = min(n, self.capacity - start)
+        pieces = [(start, first)]
+        if n > first:
+            pieces.append((0, n - first))
+        self._head += reserved
+        return pieces, self._head
+
+    def release(self, end: int) -> None:
+        self._tail = max(self._tail, min(end, self._head))
+
+
+class DriverRing:
+    """The driver side of a split virtqueue: publish chains, collect used ones.
+
+    Lean on purpose (this is the data path): chains are lists of (address, length,
+    flags) descriptors; a token rides with each chain and comes back with it. The used
+    ring is written by the child, so everything read from it is checked. The two
+    indices the sides poll are accessed as single 16-bit loads and stores (through
+    `memoryview.cast`, not `struct.pack_into`, which zero-fills before storing).
+    """
+
+    def __init__(self, desc: memoryview, avail: memoryview, used: memoryview, size: int) -> None:
+        self.size = size
+        self._desc = desc
+        self._avail = avail
+        self._used = used
+        self._free = list(range(size - 1, -1, -1))
+        self._chains: list[tuple[int, ...]] = [()] * size
+        #: The head published at each avail ring slot (ours: the ring itself is shared).
+        self._avail_heads = [0] * size
+        self._tokens: list[object | None] = [None] * size
+        self._avail_idx_field = avail[_IDX_OFFSET : _IDX_OFFSET + U16.size].cast("H")
+        self._used_idx_field = used[_IDX_OFFSET : _IDX_OFFSET + U16.size].cast("H")
+        self._avail_idx = self._avail_idx_field[0]
+        self._last_used = self._used_idx_field[0]
+        self._published = 0
+        self._fence = Fence()
+
+    @property
+    def free(self) -> int:
+        """Descriptors available for new chains."""
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains published and not collected yet."""
+        return (self._avail_idx - self._last_used) & 0xFFFF
+
+    def next_head(self) -> int:
+        """The head descriptor (so the slot) the next chain will get."""
+        return self._free[-1]
+
+    def add(self, descs: Sequence[tuple[int, int, int]], token: object) -> int:
+        """Publish a chain; return its head. The caller checks `free` first."""
+        free = self._free
+        indices = [free.pop() for _ in descs]
+        last = len(indices) - 1
+        pack, table = DESC.pack_into, self._desc
+        for i, (addr, length, flags) in enumerate(descs):
+            if i < last:
+                pack(
+                    table,
+                    DESC_SIZE * indices[i],
+                    addr,
+                    length,
+                    flags | NEXT,
+                    indices[i + 1],
+                )
+            else:
+                pack(table, DESC_SIZE * indices[i], addr, length, flags, 0)
+        head = indices[0]
+        self._chains[head] = tuple(indices)
+        self._tokens[head] = token
+        slot = self._avail_idx % self.size
+        self._avail_heads[slot] = head
+        U16.pack_into(self._avail, SPLIT_RING_OFFSET + 2 * slot, head)
+        # Entry before index (x86 keeps stores in order).
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        self._avail_idx_field[0] = self._avail_idx
+        self._published += 1
+        return head
+
+    def kick_needed(self) -> bool:
+        """True if the child asked to be kicked for what was published since last time."""
+        if not self._published:
+            return False
+        self._fence()
+        published, self._published = self._published, 0
+        return split_notification_wanted(
+            event_idx=False,
+            suppressed=bool(U16.unpack_from(self._used, 0)[0] & NO_NOTIFY),
+            event=0,
+            new=self._avail_idx,
+            count=published,
+        )
+
+    def has_used(self) -> bool:
+        return self._used_idx_field[0] != self._last_used
+
+    def take_used(self) -> tuple[object, int] | None:
+        """The next completed chain's token and written length, or None."""
+        used_idx = self._used_idx_field[0]
+        if used_idx == self._last_used:
+            return None
+        if (used_idx - self._last_used) & 0xFFFF > self.in_flight:
+            raise ChannelError(f"used idx {used_idx} ran ahead of {self._last_used}")
+        offset = SPLIT_RING_OFFSET + USED_ELEM.size * (self._last_used % self.size)
+        head, written = USED_ELEM.unpack_from(self._used, offset)
+        token = self._tokens[head] if head < self.size else None
+        if token is None:
+            raise ChannelError(f"the child returned descriptor {head}, which is not in flight")
+        self._tokens[head] = None
+        self._free.extend(self._chains[head])
+        self._last_used = (self._last_used + 1) & 0xFFFF
+        return token, written
+
+    def set_interrupts(self, enabled: bool) -> None:
+        """Ask the child to signal completions (or not, while we poll)."""
+        write_split_suppression(
+            self._avail,
+            flag=AvailFlag.NO_INTERRUPT,
+            event_offset=0,
+            enabled=enabled,
+            event_idx=False,
+            idx=0,
+        )
+        if enabled:
+            self._fence()  # publish the wish before looking at the used ring again
+
+    def rewind(self, *, drop: bool = False) -> int:
+        """Prepare the ring for a new child, the last one being dead. What it completed
+        stays completed (we collect it as usual), unless its used index is not
+        plausible: then back to what we collected. The chains it left unfinished are
+        for the new child to process again, or with `drop` completed here as if
+        nothing had been written. Returns how many there are."""
+        used_idx = self._used_idx_field[0]
+        if (used_idx - self._last_used) & 0xFFFF > self.in_flight:
+            used_idx = self._used_idx_field[0] = self._last_used
+        unfinished = (self._avail_idx - used_idx) & 0xFFFF
+        if drop:
+            for position in range(used_idx, used_idx + unfinished):
+                slot = position % self.size
+                offset = SPLIT_RING_OFFSET + USED_ELEM.size * slot
+                USED_ELEM.pack_into(self._used, offset, self._avail_heads[slot], 0)
+            self._used_idx_field[0] = self._avail_idx
+        return unfinished
+
+    def abandon(self) -> list[object]:
+        """Drop every chain in flight (the domain is gone for good); their tokens."""
+        tokens = [t for t in self._tokens if t is not None]
+        self._tokens = [None] * self.size
+        return tokens
+
+
+class ChannelRing:
+    """One ring of a channel as the core uses it: the driver ring, slots, segment tables
+    (as u64 pairs), bounce arena, eventfds, and the lock that keeps collecting and
+    rewinding apart."""
+
+    def __init__(self, index: int, layout: RingLayout, view: memoryview) -> None:
+        self.index = index
+        self.layout = layout
+        desc_len, avail_len, used_len = split_ring_sizes(layout.size)
+        self.ring = DriverRing(
+            view[layout.desc : layout.desc + desc_len],
+            view[layout.avail : layout.avail + avail_len],
+            view[layout.used : layout.used + used_len],
+            layout.size,
+        )
+        self.slots = view[layout.slots : layout.slots + SLOT_SIZE * layout.size]
+        self.tables = view[layout.tables : layout.bounce].cast("Q")
+        self.bounce = view[layout.bounce : layout.end]
+        self.arena = Arena(layout.bounce_len)
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.lock = threading.Lock()
+
+    def slot_gpa(self, head: int) -> int:
+        return CHANNEL_GPA + self.layout.slots + SLOT_SIZE * head
+
+    def table_gpa(self, head: int) -> int:
+        return CHANNEL_GPA + self.layout.tables + TABLE_ENTRY * self.layout.table_segments * head
+
+    def bounce_gpa(self, offset: int) -> int:
+        return CHANNEL_GPA + self.layout.bounce + offset
+
+    def kick(self) -> None:
+        if self.ring.kick_needed():
+            os.eventfd_write(self.kick_fd, 1)
+
+    def wake(self) -> None:
+        """Make the call eventfd readable (wakes whoever waits for completions)."""
+        os.eventfd_write(self.call_fd, 1)
+
+    def clear_call(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call_fd)
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            os.close(fd)
+        self.kick_fd = self.call_fd = -1
+
+
+class Channel:
+    """The core's end of a channel: a sealed memfd mapped here, and its rings.
+
+    Sealing stops the child from shrinking the memfd under the core (a SIGBUS here).
+    The channel outlives child processes: a restarted child maps the same memfd and
+    finds every request that was in flight still on the rings.
+    """
+
+    def __init__(
+        self, rings: Sequence[tuple[int, int, int]], name: str = "vdev-domain-channel"
+    ) -> None:
+        self.layouts, self.size = plan(rings)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, self.size)
+            fcntl.fcntl(
+                self.fd,
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+            )
+            self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._view = memoryview(self._map)
+        self.rings = [ChannelRing(i, layout, self._view) for i, layout in enumerate(self.layouts)]
+
+    def fds(self) -> list[int]:
+        """What the child is sent: the memfd, then kick and call eventfd of each ring."""
+        fds = [self.fd]
+        for ring in self.rings:
+            fds += [ring.kick_fd, ring.call_fd]
+        return fds
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        os.close(self.fd)
+        self.rings = []
+        self._view.release()
+        # If views of it still exist somewhere, it is unmapped when they go.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+
+def copy_views(dst: Sequence[memoryview], src: Sequence[memoryview]) -> None:
+    """Copy the bytes of scatter list `src` into scatter list `dst` (equal totals)."""
+    si, s_off = 0, 0
+    for view in dst:
+        d_off = 0
+        while d_off < view.nbytes:
+            piece = src[si]
+            n = min(view.nbytes - d_off, piece.nbytes - s_off)
+            view[d_off : d_off + n] = piece[s_off : s_off + n]
+            d_off += n
+            s_off += n
+            if s_off == piece.nbytes:
+                si, s_off = si + 1, 0
