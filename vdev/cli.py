@@ -251,6 +251,13 @@ def _build_parser() -> Parser:
         "--dir", type=Path, metavar="DIR", help="where the image goes (default: temp dir)"
     )
     bench.add_argument(
+        "--kind",
+        choices=("blk", "net", "pmd"),
+        default="blk",
+        help="blk: disks under fio (default); net: guest NICs, vdev tap vs QEMU's tap "
+        "(root); pmd: DPDK testpmd against vdev echo vs DPDK vhost, no guest",
+    )
+    bench.add_argument(
         "--qsd-aio",
         choices=("threads", "native", "io_uring"),
         default="threads",
@@ -364,9 +371,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 BENCH_EPILOG = """\
-targets: vdev (the file backend in a `vdev run` daemon), qsd (qemu-storage-daemon,
-  the reference), builtin (QEMU's own virtio-blk)
-workloads: randread-4k-qd1, randread-4k-qd32, read-1m-qd8, write-1m-qd8
+blk targets: vdev (the file backend in a `vdev run` daemon, in-process), qsd
+  (qemu-storage-daemon, the reference), builtin (QEMU's own virtio-blk), driver-map and
+  driver-copy (the same backend in a driver domain)
+blk workloads: randread-4k-qd1, randread-4k-qd32, read-1m-qd8, write-1m-qd8
+--kind net and --kind pmd have their own targets and workloads (see vdev/bench/net.py)
 
 examples:
   vdev bench                                 # 5 repetitions, about 15 minutes
@@ -386,7 +395,7 @@ def _select(items: Sequence[_Named], names: Sequence[str] | None, option: str) -
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from vdev.bench import blk, report
+    from vdev.bench import blk, net, report
     from vdev.bench.core import BenchError, BenchSettings, run_bench
     from vdev.testing.guest import GuestError
 
@@ -402,14 +411,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         **values, size=size, accel=args.accel, workdir=args.dir, qsd_aio=args.qsd_aio
     )
-    targets = _select(blk.TARGETS, args.targets, "--targets")
-    workloads = _select(blk.WORKLOADS, args.workloads, "--workloads")
+    all_targets, all_workloads = {
+        "blk": (blk.TARGETS, blk.WORKLOADS),
+        "net": (net.GUEST_TARGETS, net.GUEST_WORKLOADS),
+        "pmd": (net.PMD_TARGETS, net.PMD_WORKLOADS),
+    }[args.kind]
+    targets = _select(all_targets, args.targets, "--targets")
+    workloads = _select(all_workloads, args.workloads, "--workloads")
+    if args.kind == "pmd":
+        run = partial(net.run_pmd_bench, targets, workloads, settings)
+    else:
+        prepare = blk.prepare_image if args.kind == "blk" else net.no_image
+        run = partial(run_bench, targets, workloads, settings, prepare=prepare)
     try:
         if args.png is not None:
             report.pyplot()  # fail now rather than after the runs
-        result = trio.run(
-            partial(run_bench, targets, workloads, settings, prepare=blk.prepare_image)
-        )
+        result = trio.run(run)
     except (BenchError, GuestError) as exc:
         print(f"vdev bench: failed: {exc}", file=sys.stderr)
         return 1

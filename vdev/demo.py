@@ -10,6 +10,7 @@ device to the demo, append a factory to `DEMO_DEVICES`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from vdev import netsetup
 from vdev.config import DeviceSpec, build_device
 from vdev.devices.base import Device
 from vdev.qemu import USERSPACE_MARKER, choose_accel, render_args
@@ -174,8 +176,63 @@ async def disk(workdir: Path, options: DemoOptions) -> AsyncIterator[DemoDevice]
             log.info("disk image kept at %s", options.keep_image)
 
 
+# --- the NIC ----------------------------------------------------------------------------
+
+_HOST_ADDRESS = "10.0.2.2/24"
+_NIC_SCRIPT = """
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+echo "eth0 $(cat /sys/class/net/eth0/address): 10.0.2.15/24; the host side is 10.0.2.2"
+n=0
+until ping -c 1 -W 1 10.0.2.2 > /dev/null 2>&1; do n=$((n + 1)); [ $n -lt 30 ]; done
+ping -c 5 -A 10.0.2.2 | tail -2
+"""
+
+
+def _net_summary(stats: dict[str, int]) -> list[str]:
+    drops = sum(v for k, v in stats.items() if k.startswith("drop_"))
+    return [
+        f"frames: {stats.get('tx_frames', 0)} from the guest, "
+        f"{stats.get('rx_frames', 0)} to the guest; dropped {drops}"
+    ]
+
+
+@asynccontextmanager
+async def nic(workdir: Path, options: DemoOptions) -> AsyncIterator[DemoDevice]:
+    """A virtio-net NIC. As root: a TAP whose host end lives in a private network
+    namespace; otherwise the `responder` backend answers ARP and ping for the host."""
+    sock = workdir / "nic.sock"
+    netns = None
+    if os.geteuid() == 0:
+        netns = f"vdev-demo-{os.getpid()}"
+        await trio.to_thread.run_sync(netsetup.create_netns, netns)
+        tap = {"tap": f"vdemo{os.getpid() % 100000}", "netns": netns, "address": _HOST_ADDRESS}
+        spec = DeviceSpec("net", sock, "tap", tap)
+        title = f"virtio-net, tap backend (host end in network namespace {netns})"
+    else:
+        spec = DeviceSpec("net", sock, "responder", {"address": _HOST_ADDRESS})
+        title = "virtio-net, responder backend (answers ARP and ping for 10.0.2.2)"
+    try:
+        device = await trio.to_thread.run_sync(build_device, spec)
+        try:
+            yield DemoDevice(
+                name="nic",
+                title=title,
+                device=device,
+                socket=sock,
+                qemu_args=render_args("vdev-net", id="net0", socket=sock, queues=1, mq=False),
+                script=_NIC_SCRIPT,
+                summary=_net_summary,
+            )
+        finally:
+            device.close()
+    finally:
+        if netns is not None:
+            await trio.to_thread.run_sync(netsetup.remove_netns, netns)
+
+
 #: The devices the demo serves, in the order the guest exercises them.
-DEMO_DEVICES: list[DemoFactory] = [disk]
+DEMO_DEVICES: list[DemoFactory] = [disk, nic]
 
 
 # --- running it -------------------------------------------------------------------------

@@ -218,4 +218,16 @@ TARGETS: list[Target] = [
     Target("vdev", "vdev, file backend, in-process", "blk", vdev_file(), goals=True),
     Target("qsd", "qemu-storage-daemon vhost-user-blk", "blk", qemu_storage_daemon, reference=True),
     Target("builtin", "QEMU built-in virtio-blk", "blk", builtin),
+    Target(
+        "driver-map",
+        "vdev, file backend, driver domain (map)",
+        "blk",
+        vdev_file("--domain", "driver", "--domain-memory", "map"),
+    ),
+    Target(
+        "driver-copy",
+        "vdev, file backend, driver domain (copy)",
+        "blk",
+        vdev_file("--domain", "driver", "--domain-memory", "copy"),
+    ),
 ]
