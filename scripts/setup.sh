@@ -30,6 +30,6 @@ fi
 if ! .venv/bin/python -c 'import vdev, pytest_trio, hypothesis' 2>/dev/null \
     || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -e ".[test,bench]"
     touch .venv/.installed
 fi

@@ -32,6 +32,10 @@ class BlockBackend:
     read_only: bool = False
     #: Serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     serial: str = ""
+    #: Physical block size the guest should align to (0: unknown).
+    physical_block_size: int = 0
+    #: How many calls may run at once on one queue (from several threads); 1 = serial.
+    max_concurrency: int = 1
 
     def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill `buffers`, in order, with the bytes starting at `offset`."""
