@@ -86,7 +86,7 @@ async def test_echoed_frames_come_back_whole_with_macs_swapped(tmp_path: Path) -
             port_mac = re.search(r"Port 0: ([0-9A-F:]{17})", pmd.tail(100_000))
             assert port_mac is not None, pmd.tail()
             await pmd.command("set verbose 1")
-            await pmd.command("start tx_first")  # one burst of 32 frames, then receive
+            await pmd.send("start tx_first")  # one burst of 32 frames, then receive
             stats = await forward_until(pmd, 32)
             received = _VERBOSE_RX.findall(pmd.tail(100_000))
     assert stats.rx_packets == stats.tx_packets == 32

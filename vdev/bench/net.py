@@ -123,14 +123,19 @@ class Testpmd:
             return self.output[start:end].decode(errors="replace")
         raise TestpmdError(f"{self.name} did not answer within {timeout} s:\n{self.tail()}")
 
-    async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> str:
-        """Run one testpmd command; its output."""
+    async def send(self, line: str) -> None:
+        """Type one command without waiting for its prompt (with `set verbose`, the
+        forwarding cores' output can interleave with the prompt and garble it)."""
         assert self.process.stdin is not None
         log.debug("%s> %s", self.name, line)
         try:
             await self.process.stdin.send_all(line.encode() + b"\n")
         except trio.BrokenResourceError:
             raise TestpmdError(f"{self.name} exited:\n{self.tail()}") from None
+
+    async def command(self, line: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run one testpmd command; its output."""
+        await self.send(line)
         return await self._read_prompt(timeout)
 
     async def port_stats(self, port: int = 0) -> PortStats:
