@@ -1,8 +1,9 @@
 """Measure what the driver-domain hop costs: `python tests/domain/measure_hop.py`.
 
-Serves a file-backed disk with `vdev run` (a real daemon process) in each service
-model — inprocess, driver+map, driver+copy — and drives it from this process with
-vdev's Python front-end (standing in for the guest): 4 KiB reads at QD1 (latency),
+Serves a file-backed disk in each service model — inprocess, driver+map, driver+copy —
+and drives it from this process with vdev's Python front-end (standing in for the
+guest; it shares the event loop with the device, as its test driver rings are only
+safe within one process): 4 KiB reads at QD1 (latency),
 4 KiB random reads at QD32 (IOPS), 1 MiB sequential reads and writes at QD8 (MiB/s).
 Models alternate within each repetition; medians of the repetitions are printed,
 with each driver model's ratio to inprocess. Not a test: timings are never asserted.
@@ -17,7 +18,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +26,20 @@ from pathlib import Path
 
 import trio
 
+from vdev.config import DeviceSpec, build_device
 from vdev.devices.blk import REQUEST_HEADER, RequestType
-from vdev.testing.frontend import Frontend, FrontendQueue
+from vdev.domain.spec import DomainSpec
+from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
 
 KiB, MiB = 1 << 10, 1 << 20
 IMAGE_SIZE = 256 * MiB
 MODELS = {
+    "inprocess": DomainSpec(),
+    "driver+map": DomainSpec("driver", "map"),
+    "driver+copy": DomainSpec("driver", "copy"),
+}
+#: The same models as `vdev run` options (for the bench rows).
+OPTIONS = {
     "inprocess": [],
     "driver+map": ["--domain", "driver", "--domain-memory", "map"],
     "driver+copy": ["--domain", "driver", "--domain-memory", "copy"],
@@ -100,19 +108,14 @@ async def measure(socket: Path, seconds: float) -> dict[str, float]:
 
 
 async def serve_and_measure(
-    image: Path, socket: Path, extra: list[str], seconds: float
+    image: Path, socket: Path, domain: DomainSpec, seconds: float
 ) -> dict[str, float]:
-    argv = [sys.executable, "-m", "vdev.cli", "-q", "run", "blk", "--socket", str(socket)]
-    argv += ["--backend", "file", "--path", str(image), *extra]
-    daemon = subprocess.Popen(argv)
+    device = build_device(DeviceSpec("blk", socket, "file", {"path": str(image)}, domain=domain))
     try:
-        with trio.fail_after(30):
-            while not socket.exists():
-                await trio.sleep(0.05)
-        return await measure(socket, seconds)
+        async with serve_device(device, socket):
+            return await measure(socket, seconds)
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        device.close()
 
 
 async def main(seconds: float, reps: int) -> None:
@@ -122,9 +125,9 @@ async def main(seconds: float, reps: int) -> None:
         with image.open("wb") as f:
             f.write(os.urandom(IMAGE_SIZE))
         for rep in range(reps):
-            for model, extra in MODELS.items():
+            for model, domain in MODELS.items():
                 socket = Path(tmp) / f"{rep}-{model}.sock"
-                for key, value in (await serve_and_measure(image, socket, extra, seconds)).items():
+                for key, value in (await serve_and_measure(image, socket, domain, seconds)).items():
                     samples[model].setdefault(key, []).append(value)
                 print(f"rep {rep + 1}/{reps} {model}: done", file=sys.stderr)
     keys = list(samples["inprocess"])
@@ -143,7 +146,7 @@ async def in_guest(seconds: float, reps: int) -> None:
 
     targets = [
         Target(name, f"vdev {name}", "blk", vdev_file(*extra), reference=not extra)
-        for name, extra in MODELS.items()
+        for name, extra in OPTIONS.items()
     ]
     settings = BenchSettings(repetitions=reps, runtime=seconds, ramp=1.0, size=256 * MiB)
     result = await run_bench(targets, WORKLOADS, settings, prepare=prepare_image)

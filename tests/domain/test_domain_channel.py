@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 from vdev.domain import control
 from vdev.domain.channel import (
     CHANNEL_GPA,
+    REQUEST,
+    RESULT,
     Arena,
     Channel,
     ChannelError,
+    Op,
     RingLayout,
     check_layout,
     copy_views,
@@ -65,8 +68,7 @@ def test_layout_is_disjoint_and_checked() -> None:
             (layout.desc, desc),
             (layout.avail, avail),
             (layout.used, used),
-            (layout.slots, 32 * layout.size),
-            (layout.tables, 16 * layout.table_segments * layout.size),
+            (layout.slots, (32 + 16 * layout.table_segments) * layout.size),
             (layout.bounce, layout.bounce_len),
         ]
     pieces.sort()
@@ -103,11 +105,27 @@ def test_chains_cross_and_come_back(channel: Channel) -> None:
     assert ring.ring.take_used() is None and ring.ring.free == 16
 
 
+def test_a_request_slot_holds_header_table_and_result(channel: Channel) -> None:
+    ring = channel.rings[1]
+    child = ChildSide(channel).queue(ring.layout)
+    refs = [0x1000, 256, 0x2000, 512]
+    first, last = ring.request(ring.ring.next_head(), Op.READ, 1, 4096, 768, refs)
+    head = ring.ring.add([first, last], "r")
+    chain = child.pop()
+    assert chain is not None and chain.head == head
+    [header], [result] = chain.readable, chain.writable
+    assert REQUEST.unpack_from(header) == (Op.READ, 1, 2, 4096, 768)
+    assert list(header[REQUEST.size :].cast("Q")) == refs
+    RESULT.pack_into(result, 0, 5, 0)
+    child.push(chain, RESULT.size)
+    assert ring.ring.take_used() == ("r", RESULT.size) and ring.result(head) == 5
+
+
 def test_indices_wrap_around(channel: Channel) -> None:
     ring = channel.rings[0]
     child = ChildSide(channel).queue(ring.layout)
     for n in range(70_000):
-        ring.ring.add([(ring.slot_gpa(0), 8, 0)] * 3, n)
+        ring.ring.add([(ring.bounce_gpa(0), 8, 0)] * 3, n)
         chain = child.pop()
         assert chain is not None
         child.push(chain, 0)
@@ -119,7 +137,7 @@ def test_a_new_child_redoes_what_the_dead_one_left(channel: Channel) -> None:
     side = ChildSide(channel)
     dead = side.queue(ring.layout)
     for n in range(3):
-        ring.ring.add([(ring.slot_gpa(n), 8, DescFlag.WRITE)], n)
+        ring.ring.add([(ring.bounce_gpa(8 * n), 8, DescFlag.WRITE)], n)
     first = dead.pop()
     second = dead.pop()
     assert first is not None and second is not None
@@ -135,7 +153,7 @@ def test_unfinished_chains_can_be_dropped_instead(channel: Channel) -> None:
     side = ChildSide(channel)
     dead = side.queue(ring.layout)
     for n in range(3):
-        ring.ring.add([(ring.slot_gpa(n), 8, DescFlag.WRITE)], n)
+        ring.ring.add([(ring.bounce_gpa(8 * n), 8, DescFlag.WRITE)], n)
     assert dead.pop() is not None
     assert ring.ring.rewind(drop=True) == 3
     assert side.queue(ring.layout, base=3).pop() is None
@@ -148,7 +166,7 @@ def test_implausible_used_index_is_refused_and_rewound(channel: Channel) -> None
     ring = channel.rings[0]
     used = ChildSide(channel).memory.gpa_view(CHANNEL_GPA + ring.layout.used, 12)
     used_idx = used[2:4].cast("H")
-    ring.ring.add([(ring.slot_gpa(0), 8, 0)], "a")
+    ring.ring.add([(ring.bounce_gpa(0), 8, 0)], "a")
     used_idx[0] = 40
     with pytest.raises(ChannelError, match="ran ahead"):
         ring.ring.take_used()

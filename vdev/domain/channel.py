@@ -5,16 +5,17 @@ A channel is one sealed memfd holding a few split virtqueues, each with two even
 ring (`DriverRing`, here); the child runs vdev.virtio's `SplitQueue` as the *device*
 side, over a `GuestMemory` in which the channel memfd is mapped at `CHANNEL_GPA`.
 
-Per ring the memfd holds the ring areas, one 32-byte slot per descriptor (a request's
-header and result: the slot of a chain is the slot of its head descriptor), a segment
-table per slot, and a bounce area for data that does not travel by reference.
+Per ring the memfd holds the ring areas, one slot per descriptor (a request's result,
+its header and its segment table: the slot of a chain is the slot of its head
+descriptor), and a bounce area for data that does not travel by reference.
 
 Data travels by reference (policy `map`: the child maps guest memory at the same guest
 addresses) as a table of (guest address, length) segments, which one descriptor points
-to: virtio's indirect-table idea in a leaner form, since a guest's large request is
-scattered over a hundred pages and checking a descriptor per page, on both sides of the
-hop, would cost more than the I/O. Otherwise (`copy`, or buffers outside guest memory)
-the descriptors point into the bounce area, which the core copies to and from.
+to, with the header: virtio's indirect-table idea in a leaner form (a guest's large
+request can be scattered over a hundred pages; a table is cheaper to write and to read
+than a chain of descriptors, and any number fits a ring). Otherwise (`copy`, or
+buffers outside guest memory) the descriptors point into the bounce area, which the
+core copies to and from.
 
 Nothing here is async; the child imports this module without trio.
 """
@@ -27,6 +28,7 @@ import mmap
 import os
 import struct
 import threading
+from array import array
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from enum import IntEnum, IntFlag
@@ -52,12 +54,13 @@ _IDX_OFFSET = 2
 _PAGE = mmap.PAGESIZE
 
 #: A request's header, device-readable: op, flags, segments in its table, byte offset,
-#: length.
+#: length. Its segment table follows it (same descriptor).
 REQUEST = struct.Struct("<IHHQQ")
 #: A request's result, device-writable: errno (0: success), spare.
 RESULT = struct.Struct("<iI")
-SLOT_SIZE = 32
-RESULT_OFFSET = REQUEST.size
+#: A slot: the result (its own descriptor), then the header and the table.
+REQUEST_OFFSET = RESULT.size
+TABLE_OFFSET = REQUEST_OFFSET + REQUEST.size
 #: A segment table entry: guest address, length (two u64).
 TABLE_ENTRY = 16
 
@@ -87,6 +90,28 @@ class OpFlag(IntFlag):
     UNMAP = 1
 
 
+class AdaptivePoll:
+    """How long to poll before sleeping, adapted as QEMU's aio-poll does.
+
+    The time grows (from `grow`, doubling, up to `limit`) while the waits it could have
+    covered stay short, and halves, down to nothing, when a wait lasts longer than
+    `limit`: an idle device costs no spinning, and neither does a busy machine, where
+    a spin would only take the CPU from the process it is waiting for.
+    """
+
+    def __init__(self, grow: float, limit: float) -> None:
+        self.grow = grow
+        self.limit = limit
+        self.time = 0.0
+
+    def update(self, waited: float) -> None:
+        """`waited`: how long the last wait took, polling included."""
+        if waited > self.limit:
+            self.time = self.time / 2 if self.time > self.grow else 0.0
+        elif waited > self.time:
+            self.time = min(max(self.time * 2, self.grow), self.limit)
+
+
 class ChannelError(Exception):
     """The child broke the ring protocol (a used entry that is not in flight...)."""
 
@@ -100,7 +125,6 @@ class RingLayout:
     avail: int
     used: int
     slots: int
-    tables: int
     #: Entries of each slot's segment table.
     table_segments: int
     bounce: int
@@ -111,13 +135,17 @@ class RingLayout:
 
     @classmethod
     def from_wire(cls, fields: Sequence[int]) -> RingLayout:
-        if len(fields) != 9 or not all(isinstance(f, int) and f >= 0 for f in fields):
+        if len(fields) != 8 or not all(isinstance(f, int) and f >= 0 for f in fields):
             raise ValueError(f"bad ring layout {fields!r}")
         return cls(*fields)
 
     @property
     def end(self) -> int:
         return self.bounce + self.bounce_len
+
+    @property
+    def slot_size(self) -> int:
+        return TABLE_OFFSET + TABLE_ENTRY * self.table_segments
 
 
 def _align(value: int, align: int) -> int:
@@ -134,12 +162,10 @@ def plan(rings: Sequence[tuple[int, int, int]]) -> tuple[list[RingLayout], int]:
         desc = offset
         avail = desc + desc_len
         used = _align(avail + avail_len, 4)
-        slots = _align(used + used_len, SLOT_SIZE)
-        tables = slots + SLOT_SIZE * size
-        bounce = _align(tables + TABLE_ENTRY * segments * size, _PAGE)
-        layouts.append(
-            RingLayout(size, desc, avail, used, slots, tables, segments, bounce, bounce_len)
-        )
+        slots = _align(used + used_len, TABLE_ENTRY)
+        slot_size = TABLE_OFFSET + TABLE_ENTRY * segments
+        bounce = _align(slots + slot_size * size, _PAGE)
+        layouts.append(RingLayout(size, desc, avail, used, slots, segments, bounce, bounce_len))
         offset = _align(bounce + bounce_len, _PAGE)
     return layouts, offset
 
@@ -152,8 +178,7 @@ def check_layout(layouts: Sequence[RingLayout], total: int) -> None:
             (layout.desc, desc_len),
             (layout.avail, avail_len),
             (layout.used, used_len),
-            (layout.slots, SLOT_SIZE * layout.size),
-            (layout.tables, TABLE_ENTRY * layout.table_segments * layout.size),
+            (layout.slots, layout.slot_size * layout.size),
             (layout.bounce, layout.bounce_len),
         )
         if any(start + length > total for start, length in pieces):
@@ -335,9 +360,8 @@ class DriverRing:
 
 
 class ChannelRing:
-    """One ring of a channel as the core uses it: the driver ring, slots, segment tables
-    (as u64 pairs), bounce arena, eventfds, and the lock that keeps collecting and
-    rewinding apart."""
+    """One ring of a channel as the core uses it: the driver ring, slots, bounce arena,
+    eventfds, and the lock that keeps collecting and rewinding apart."""
 
     def __init__(self, index: int, layout: RingLayout, view: memoryview) -> None:
         self.index = index
@@ -349,19 +373,34 @@ class ChannelRing:
             view[layout.used : layout.used + used_len],
             layout.size,
         )
-        self.slots = view[layout.slots : layout.slots + SLOT_SIZE * layout.size]
-        self.tables = view[layout.tables : layout.bounce].cast("Q")
+        self._slot_size = layout.slot_size
+        self._slots = view[layout.slots : layout.slots + self._slot_size * layout.size]
+        self._slot_words = self._slots.cast("Q")
         self.bounce = view[layout.bounce : layout.end]
         self.arena = Arena(layout.bounce_len)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.lock = threading.Lock()
 
-    def slot_gpa(self, head: int) -> int:
-        return CHANNEL_GPA + self.layout.slots + SLOT_SIZE * head
+    def request(
+        self, head: int, op: int, flags: int, offset: int, length: int, refs: Sequence[int] = ()
+    ) -> list[tuple[int, int, int]]:
+        """Write the request of the chain headed by `head` into its slot, `refs` (guest
+        address, length, ...) as its segment table; return the chain's first
+        descriptor (header and table) and its last (the result)."""
+        slot = self._slot_size * head
+        segments = len(refs) // 2
+        REQUEST.pack_into(self._slots, slot + REQUEST_OFFSET, op, flags, segments, offset, length)
+        if refs:
+            start = (slot + TABLE_OFFSET) // 8
+            self._slot_words[start : start + len(refs)] = array("Q", refs)
+        gpa = CHANNEL_GPA + self.layout.slots + slot
+        readable = REQUEST.size + TABLE_ENTRY * segments
+        return [(gpa + REQUEST_OFFSET, readable, 0), (gpa, RESULT.size, WRITE)]
 
-    def table_gpa(self, head: int) -> int:
-        return CHANNEL_GPA + self.layout.tables + TABLE_ENTRY * self.layout.table_segments * head
+    def result(self, head: int) -> int:
+        """The errno the child left in the slot of `head` (0: success)."""
+        return int(RESULT.unpack_from(self._slots, self._slot_size * head)[0])
 
     def bounce_gpa(self, offset: int) -> int:
         return CHANNEL_GPA + self.layout.bounce + offset

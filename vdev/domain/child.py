@@ -12,11 +12,9 @@ socket), in a fresh interpreter, so it inherits none of the core's memory. Start
    stopped, so a restarted child redoes exactly what its predecessor left unfinished.
 
 The loop may poll the rings after each batch before sleeping on the eventfds: a
-wake-up costs far more than a short spin. The poll time adapts as QEMU's aio-poll does:
-it grows (up to `POLL_MAX`) when a request came soon after we went to sleep, and halves
-when the sleep was longer than that. A device streaming requests keeps the child
-polling between batches; an idle one, or one whose guest thinks between requests,
-costs no CPU (spinning then would only take the CPU from the guest and the core).
+wake-up costs far more than a short spin. The poll time adapts (`AdaptivePoll`): a
+device streaming requests keeps the child polling between batches; an idle one, or one
+whose guest thinks between requests, costs no CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from vdev.domain.channel import (
     CHANNEL_GPA,
     REQUEST,
     RESULT,
+    AdaptivePoll,
     Op,
     OpFlag,
     RingLayout,
@@ -54,8 +53,7 @@ from vdev.virtio.split import SplitQueue
 
 log = logging.getLogger(__name__)
 
-#: Time the loop keeps polling idle rings before sleeping: 0 at first, POLL_GROW when
-#: it starts to grow, doubling up to POLL_MAX.
+#: Polling of idle rings before sleeping (see `AdaptivePoll`).
 POLL_GROW = 10e-6
 POLL_MAX = 100e-6
 #: Backend attributes the core needs to build the device, by backend kind.
@@ -71,20 +69,6 @@ BLK_ATTRIBUTES = (
 )
 NET_ATTRIBUTES = ("vnet_hdr", "offload_features")
 _USED_IDX_OFFSET = 2
-
-
-class _AdaptivePoll:
-    """How long to poll idle rings before sleeping, adapted as QEMU's aio-poll does."""
-
-    def __init__(self) -> None:
-        self.time = 0.0
-
-    def update(self, blocked: float) -> None:
-        """`blocked`: how long the last wait for work took, polling included."""
-        if blocked > POLL_MAX:
-            self.time = self.time / 2 if self.time > POLL_GROW else 0.0
-        elif blocked > self.time:
-            self.time = min(max(self.time * 2, POLL_GROW), POLL_MAX)
 
 
 class _Work(Protocol):
@@ -107,7 +91,7 @@ def _serve(
     work: _Work, poller: select.epoll, before_sleep: Callable[[], None] | None = None
 ) -> None:
     """Drain, poll briefly if that has been paying off, sleep on `poller`, dispatch."""
-    poll = _AdaptivePoll()
+    poll = AdaptivePoll(POLL_GROW, POLL_MAX)
     while True:
         busy = work.drain()
         if not busy and poll.time:
@@ -210,7 +194,7 @@ class _BlockRing(threading.Thread):
         backend = self.backend
         try:
             if segments:
-                data_in = data_out = self._segments(chain.readable[1], segments)
+                data_in = data_out = self._segments(header[REQUEST.size :], segments)
             match op:
                 case Op.READ:
                     backend.read(offset, data_in)

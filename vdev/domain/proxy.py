@@ -5,7 +5,8 @@ Block: the device hands a whole batch to `BlockProxy.offload` (installed by `att
 The batch runs on the event loop with every backend call *published* instead of
 executed: each request goes on the ring at once (the child starts on the first while
 the rest are still being written) and the batch waits for all of them, polling the
-used ring briefly and then sleeping on the call eventfd. No worker thread is involved.
+used ring a while (`AdaptivePoll`), then sleeping on the call eventfd. No worker thread
+is involved.
 A backend that takes several calls at once (`max_concurrency`, up to `MAX_LANES`) gets
 as many lanes: a ring each, each served in order by a thread of its own in the child,
 so that the device's concurrent batches overlap there as they would in-process.
@@ -32,7 +33,6 @@ import os
 import select
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,12 +44,8 @@ from vdev.backend import BlockBackend, NetBackend
 from vdev.devices.base import Device
 from vdev.devices.blk import BlkDevice, split_at
 from vdev.domain.channel import (
-    REQUEST,
-    RESULT,
-    RESULT_OFFSET,
-    SLOT_SIZE,
-    TABLE_ENTRY,
     WRITE,
+    AdaptivePoll,
     ChannelError,
     ChannelRing,
     Op,
@@ -85,8 +81,9 @@ RX_BUFFER = 65536 + 4096
 #: Net rings: transmit (frames out), receive (buffers the child fills).
 NET_RINGS = ((256, 4 * MiB, 0), (RX_BUFFERS, RX_BUFFERS * RX_BUFFER, 0))
 NET_TX = 0
-#: How long a batch polls the used ring before sleeping on the call eventfd.
-POLL_SECONDS = 200e-6
+#: Polling of the used ring by a waiting batch before it sleeps (see `AdaptivePoll`).
+POLL_GROW = 10e-6
+POLL_MAX = 200e-6
 #: After a protocol violation, how long to wait for the supervisor to replace the child.
 _MISBEHAVED_PAUSE = 0.05
 _MAX_ERRNO = 4095
@@ -148,6 +145,7 @@ class BlockProxy(BlockBackend):
         self._lanes_free = trio.Semaphore(len(lanes))
         self._sync_lock = threading.Lock()
         self._local = threading.local()
+        self._poll = AdaptivePoll(POLL_GROW, POLL_MAX)
         #: Batches run again call by call because a request failed.
         self.replays = 0
 
@@ -227,7 +225,9 @@ class BlockProxy(BlockBackend):
             self._call(requests)
             return
         for request in requests:
-            if not batch.deferred and self._publish(ring, request):
+            # One kick starts the child on the batch; `_finish` kicks for the rest if
+            # it went back to sleep meanwhile.
+            if not batch.deferred and self._publish(ring, request, kick=not batch.pending):
                 batch.pending += 1
             else:
                 batch.deferred.append(request)
@@ -235,6 +235,7 @@ class BlockProxy(BlockBackend):
     async def _finish(self, batch: _Batch) -> None:
         ring = batch.ring
         driver = ring.ring
+        ring.kick()
         driver.set_interrupts(False)
         while batch.pending or batch.deferred:
             if self.host.failure is not None:
@@ -253,13 +254,21 @@ class BlockProxy(BlockBackend):
                 batch.pending += 1
             if not batch.pending and not batch.deferred:
                 return
-            if done or await _poll(driver.has_used):
-                continue
+            if not done:
+                await self._wait_for_used(ring)
+
+    async def _wait_for_used(self, ring: ChannelRing) -> None:
+        """Until a completion may be there: poll a while if that has been paying off,
+        then sleep on the call eventfd."""
+        driver = ring.ring
+        started = trio.current_time()
+        if not await _poll(driver.has_used, self._poll.time):
             driver.set_interrupts(True)
             if not driver.has_used():
                 await trio.lowlevel.wait_readable(ring.call_fd)
                 ring.clear_call()
             driver.set_interrupts(False)
+        self._poll.update(trio.current_time() - started)
 
     def _abandon(self, ring: ChannelRing, batch: _Batch) -> None:
         """The domain is gone: forget the batch's requests; it is replayed (and fails)."""
@@ -352,20 +361,12 @@ class BlockProxy(BlockBackend):
             refs += (regions[index].guest_phys_addr + offset, view.nbytes)
         return refs
 
-    def _publish(self, ring: ChannelRing, request: _Request) -> bool:
-        """Put `request` on `ring` and kick; False if it lacks room for now."""
+    def _publish(self, ring: ChannelRing, request: _Request, *, kick: bool = True) -> bool:
+        """Put `request` on `ring` (and kick, unless told not to); False if it lacks
+        room for now."""
         driver = ring.ring
-        flag = WRITE if request.op == Op.READ else 0
-        segments = 0
-        if request.refs is not None:
-            if driver.free < 3:
-                return False
-            segments = len(request.refs) // 2
-            head = driver.next_head()
-            start = 2 * ring.layout.table_segments * head
-            ring.tables[start : start + 2 * segments] = array("Q", request.refs)
-            data = [(ring.table_gpa(head), TABLE_ENTRY * segments, 0)]
-        elif request.views:
+        data: list[tuple[int, int, int]] = []
+        if request.views and request.refs is None:
             if driver.free < 4:
                 return False
             got = ring.arena.alloc(request.length)
@@ -377,28 +378,17 @@ class BlockProxy(BlockBackend):
                 request.copy_back = bounce
             else:
                 copy_views(bounce, request.views)
+            flag = WRITE if request.op == Op.READ else 0
             data = [(ring.bounce_gpa(o), n, flag) for o, n in pieces]
-        else:
-            if driver.free < 2:
-                return False
-            data = []
-        head = driver.next_head()
-        slot = ring.slot_gpa(head)
-        REQUEST.pack_into(
-            ring.slots,
-            SLOT_SIZE * head,
-            request.op,
-            request.flags,
-            segments,
-            request.offset,
-            request.length,
+        elif driver.free < 2:
+            return False
+        head = request.head = driver.next_head()
+        first, last = ring.request(
+            head, request.op, request.flags, request.offset, request.length, request.refs or ()
         )
-        request.head = head
-        driver.add(
-            [(slot, REQUEST.size, 0), *data, (slot + RESULT_OFFSET, RESULT.size, WRITE)],
-            request,
-        )
-        ring.kick()
+        driver.add([first, *data, last], request)
+        if kick:
+            ring.kick()
         return True
 
     def _reap(self, ring: ChannelRing) -> list[_Request]:
@@ -408,7 +398,7 @@ class BlockProxy(BlockBackend):
             while (entry := ring.ring.take_used()) is not None:
                 request = entry[0]
                 assert isinstance(request, _Request)
-                err = RESULT.unpack_from(ring.slots, SLOT_SIZE * request.head + RESULT_OFFSET)[0]
+                err = ring.result(request.head)
                 if err:
                     request.error = _errno(err)
                 elif request.copy_back is not None:
@@ -421,9 +411,9 @@ class BlockProxy(BlockBackend):
         return done
 
 
-async def _poll(has_used: Callable[[], bool]) -> bool:
-    """Spin briefly (letting other tasks run) until `has_used`; False if it stays idle."""
-    deadline = trio.current_time() + POLL_SECONDS
+async def _poll(has_used: Callable[[], bool], seconds: float) -> bool:
+    """Spin a while (letting other tasks run) until `has_used`; False if it stays idle."""
+    deadline = trio.current_time() + seconds
     while trio.current_time() < deadline:
         if has_used():
             return True
@@ -498,11 +488,8 @@ class NetProxy(NetBackend):
                 return False
             pieces, end = got
             copy_views([ring.bounce[o : o + n] for o, n in pieces], frame)
-        head = driver.next_head()
-        REQUEST.pack_into(ring.slots, SLOT_SIZE * head, op, 0, 0, arg, arg)
-        descs = [(ring.slot_gpa(head), REQUEST.size, 0)]
-        descs += [(ring.bounce_gpa(o), n, 0) for o, n in pieces]
-        driver.add(descs, end)
+        first, _ = ring.request(driver.next_head(), op, 0, arg, arg)
+        driver.add([first, *((ring.bounce_gpa(o), n, 0) for o, n in pieces)], end)
         return True
 
     def _collect_tx(self) -> None:
