@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from vdev import qemu
-from vdev.bench import blk, report
+from vdev.bench import blk, core, report
 from vdev.bench.core import (
     VALUE,
     BenchContext,
@@ -211,7 +211,7 @@ while True:
 
 async def test_daemon_waits_for_its_socket_and_stops_it(tmp_path: Path) -> None:
     sock = tmp_path / "d.sock"
-    async with blk.daemon([sys.executable, "-c", FAKE_DAEMON, str(sock)], sock, tmp_path / "log"):
+    async with core.daemon([sys.executable, "-c", FAKE_DAEMON, str(sock)], sock, tmp_path / "log"):
         assert sock.exists()
     assert not sock.exists()  # SIGTERM reached it
 
@@ -220,7 +220,7 @@ async def test_daemon_that_dies_early_is_an_error(tmp_path: Path) -> None:
     sock = tmp_path / "d.sock"
     argv = [sys.executable, "-c", "print('cannot start'); raise SystemExit(3)"]
     with pytest.raises(BenchError, match="cannot start"):
-        async with blk.daemon(argv, sock, tmp_path / "log"):
+        async with core.daemon(argv, sock, tmp_path / "log"):
             raise AssertionError("not reached")
 
 

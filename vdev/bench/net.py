@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pyroute2 import IPRoute
 
 from vdev import netsetup
 from vdev.bench.core import (
+    START_TIMEOUT,
+    STOP_TIMEOUT,
     VALUE,
     BenchContext,
     BenchError,
@@ -49,6 +50,7 @@ from vdev.bench.core import (
     BenchSettings,
     Target,
     Workload,
+    daemon,
     rotation,
 )
 from vdev.qemu import render_args
@@ -63,8 +65,6 @@ PROMPT = b"testpmd> "
 #: Frames in flight for round trips: `start tx_first N` sends N bursts of 32.
 RR_BURSTS = 4
 #: How long a back-end gets to create its socket, and to exit after SIGTERM.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
 MiB = 1 << 20
 
@@ -215,48 +215,6 @@ def virtio_user(sock: Path, *, queues: int = 1, packed: bool = False, mrg: bool 
 
 
 # --- back-ends for testpmd ---------------------------------------------------------------
-
-
-def _pin(cpu: int) -> Callable[[], None] | None:
-    """A preexec_fn pinning a child to `cpu`, on a machine with more than one CPU."""
-    if (os.cpu_count() or 1) < 2:
-        return None
-    return partial(os.sched_setaffinity, 0, {cpu})
-
-
-@asynccontextmanager
-async def daemon(
-    argv: Sequence[str], sock: Path, log_path: Path, *, cpu: int | None = None
-) -> AsyncIterator[trio.Process]:
-    """`argv` running until the block exits, once it has created `sock`; then SIGTERM.
-
-    With `cpu`, the process (and the threads it starts) runs on that CPU only.
-    """
-    preexec = _pin(cpu) if cpu is not None else None
-    with log_path.open("wb") as out:
-        process = await trio.lowlevel.open_process(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-    try:
-        with trio.move_on_after(START_TIMEOUT):
-            while not sock.exists() and process.poll() is None:
-                await trio.sleep(0.02)
-        if not sock.exists():
-            raise BenchError(f"{argv[0]} did not create {sock}:\n{log_path.read_text()[-2000:]}")
-        yield process
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(STOP_TIMEOUT):
-                    await process.wait()
-            if process.poll() is None:
-                process.kill()
-                await process.wait()
 
 
 #: The CPU the back-end runs on; testpmd's forwarding core takes the other one.
