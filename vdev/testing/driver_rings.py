@@ -273,6 +273,9 @@ class DriverSplitRing(_DriverRing):
         self._avail_idx = self._last_used = self.base = start_idx & 0xFFFF
         U16.pack_into(self._avail, _IDX_OFFSET, self._avail_idx)
         U16.pack_into(self._used, _IDX_OFFSET, self._last_used)
+        #: avail.idx as a u16 item: one 16-bit store (struct.pack_into zero-fills first,
+        #: and a device polling from another process would see a transient 0).
+        self._avail_idx_field = self._avail[_IDX_OFFSET : _IDX_OFFSET + 2].cast("H")
         self._set_interrupts(True)
 
     def has_used(self) -> bool:
@@ -309,7 +312,7 @@ class DriverSplitRing(_DriverRing):
         U16.pack_into(self._avail, SPLIT_RING_OFFSET + 2 * slot, descs[0])
         # Entry before index (x86 keeps stores in order).
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        U16.pack_into(self._avail, _IDX_OFFSET, self._avail_idx)
+        self._avail_idx_field[0] = self._avail_idx
         self._published += 1
 
     def _take_used(self) -> tuple[_InFlight, int] | None:
@@ -410,7 +413,8 @@ class DriverPackedRing(_DriverRing):
             if self._next_avail == self.size:
                 self._next_avail, self._avail_wrap = 0, not self._avail_wrap
         # The head's flags last: they make the whole chain available at once.
-        U16.pack_into(self._desc, DESC_SIZE * positions[0] + PACKED_FLAGS_OFFSET, head_flags)
+        head = DESC_SIZE * positions[0] + PACKED_FLAGS_OFFSET
+        self._desc[head : head + 2].cast("H")[0] = head_flags  # one store, as above
         self._free_slots -= len(positions)
         self._in_flight[buffer_id] = _InFlight(token, elements, blocks, tuple(positions))
         self._published += len(positions)
