@@ -18,7 +18,7 @@ import trio
 from vdev.devices.base import Device
 from vdev.protocol import VringAddress
 from vdev.virtio.chain import DescriptorChain
-from vdev.virtio.errors import DescriptorError, VirtioError
+from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import VirtioFeature
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Virtqueue, initial_base, make_queue
@@ -151,7 +151,7 @@ class Vring:
             return None
         try:
             return ring.pop()
-        except (DescriptorError, VirtioError) as exc:
+        except VirtioError as exc:  # DescriptorError included
             self._fail(exc)
             return None
 
