@@ -67,9 +67,13 @@ class FileBackend(BlockBackend):
     not aligned for it go through an ordinary descriptor of the same file instead.
     """
 
-    #: preadv/pwritev are safe from several threads at once: the device may keep this
-    #: many calls per queue in flight, so large transfers overlap on the host disk.
+    #: preadv/pwritev are safe from several threads at once: up to this many calls run
+    #: at once on I/O threads, so that transfers overlap on the host disk and copies
+    #: out of the page cache use every CPU.
     max_concurrency = 8
+    #: Page-cache requests up to this size are served inline on the queue's thread
+    #: (cheaper than a hand-off); with O_DIRECT every request goes to an I/O thread.
+    inline_bytes = 64 * 1024
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class FileBackend(BlockBackend):
             self.physical_block_size = st.st_blksize if stat.S_ISREG(st.st_mode) else 0
             if direct:
                 self._direct_fd = self._open(os.O_DIRECT)
+                self.inline_bytes = 0
         except BaseException:
             self.close()
             raise

@@ -23,8 +23,10 @@ class BlockBackend:
     """A block device's storage: `size` bytes addressed by byte offset.
 
     Required: `size`, `read`, `write`. Everything else has a default.
-    Methods are called from a worker thread (never on the event loop), one request at a
-    time per queue; raise `OSError` for an I/O error (the guest sees VIRTIO_BLK_S_IOERR).
+    Methods are called on the queue's worker thread (never on the event loop), one
+    request at a time, or from up to `max_concurrency` I/O threads at once for requests
+    larger than `inline_bytes`; raise `OSError` for an I/O error (the guest sees
+    VIRTIO_BLK_S_IOERR).
     """
 
     size: int = 0
@@ -34,8 +36,11 @@ class BlockBackend:
     serial: str = ""
     #: Physical block size the guest should align to (0: unknown).
     physical_block_size: int = 0
-    #: How many calls may run at once on one queue (from several threads); 1 = serial.
+    #: How many calls may run at once (from several threads); 1 = serial, inline.
     max_concurrency: int = 1
+    #: With `max_concurrency` > 1: requests up to this many bytes still run inline on
+    #: the queue's worker thread (a hand-off costs more than a small page-cache copy).
+    inline_bytes: int = 0
 
     def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill `buffers`, in order, with the bytes starting at `offset`."""

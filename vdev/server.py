@@ -39,6 +39,7 @@ from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import TRANSPORT_FEATURES
 from vdev.virtio.memory import GuestMemory
 from vdev.vring import Vring
+from vdev.worker import QueueWorkers
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,19 @@ class Session:
             max_queue_size=device.max_queue_size,
             max_mem_slots=MAX_MEM_SLOTS,
         )
-        self._workers: trio.Nursery | None = None
+        self._workers: QueueWorkers | None = None
 
     async def run(self) -> None:
         """Serve the front-end until it disconnects or breaks the protocol."""
         try:
-            async with trio.open_nursery() as self._workers:
+            async with trio.open_nursery() as nursery:
+                self._workers = QueueWorkers(self.device, nursery)
                 try:
                     await self._serve_messages()
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._stop_all()
-                    self._workers.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()
         finally:
             self.conn.close()
             for vring in self.vrings:
@@ -174,7 +176,7 @@ class Session:
                 )
         finally:
             _close_all(msg.fds)
-        self.device.memory_changed(self.memory)
+        await self._memory_changed()
         await self._resume(running)
 
     def _known_region(self, update: MemoryRegionUpdate) -> bool:
@@ -199,7 +201,7 @@ class Session:
             )
         finally:
             _close_all(msg.fds)
-        self.device.memory_changed(self.memory)
+        await self._memory_changed()
 
     async def _on_rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryRegionUpdate)
@@ -210,7 +212,7 @@ class Session:
             return
         running = await self._pause()
         self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
-        self.device.memory_changed(self.memory)
+        await self._memory_changed()
         await self._resume(running)
 
     async def _on_set_vring_num(self, msg: Message) -> None:
@@ -283,7 +285,12 @@ class Session:
     async def _start(self, vring: Vring) -> None:
         if vring.ready and not vring.running and self.memory.regions:
             assert self._workers is not None
-            await vring.start(self._workers, self.device, self.memory, self.device.acked_features)
+            await vring.start(self._workers, self.memory, self.device.acked_features)
+
+    async def _memory_changed(self) -> None:
+        """Tell the device, in a thread: a driver-domain child maps the memory too, and
+        other devices must not wait for that round trip."""
+        await trio.to_thread.run_sync(self.device.memory_changed, self.memory)
 
     async def _pause(self) -> list[Vring]:
         """Stop every running vring (memory is about to change); return them."""

@@ -1,9 +1,10 @@
-"""One virtqueue as the server holds it: its vhost-user state and its worker task.
+"""One virtqueue as the server holds it: its vhost-user state and its worker.
 
 A `Vring` collects what the front-end tells it (size, addresses, base, kick/call/err
 eventfds, enable), builds the ring over guest memory once everything is there, and
-runs the device's `run_queue` in a task of its own. It is also the `Queue` a device
-sees: `pop`, `push`, `notify`, `wait_kick`, `serve`.
+hands it to the worker thread of its queue group (`vdev.worker`). It is also the
+`Queue` a device sees on that thread: `pop_batch` / `pop`, `fill` / `push`, `flush`,
+`notify`, `wake`.
 """
 
 from __future__ import annotations
@@ -11,24 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
 
 import trio
 
-from vdev.devices.base import Device
 from vdev.protocol import VringAddress
 from vdev.virtio.chain import DescriptorChain
-from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import VirtioFeature
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Virtqueue, initial_base, make_queue
+from vdev.worker import QueueWorker, QueueWorkers
 
 log = logging.getLogger(__name__)
-
-#: How long a worker keeps polling an idle ring before sleeping on the kick eventfd
-#: (adaptive polling: a kick and an interrupt cost far more than a short spin).
-POLL_SECONDS = 50e-6
-
 
 def close_fd(fd: int | None) -> None:
     """Close an fd that trio may be waiting on."""
@@ -53,24 +47,29 @@ class Vring:
         self.started = False
         self.enabled = False
         self.ring: Virtqueue | None = None
-        self._scope: trio.CancelScope | None = None
-        self._stopped = trio.Event()
-        self._stopped.set()
+        #: Why the queue stopped serving (a hostile chain, a device fault), if it did.
+        self.failure: str | None = None
+        #: Per-queue counters the device may add to (requests, bytes, ...).
+        self.counters: dict[str, int] = {}
+        self._worker: QueueWorker | None = None
 
     # --- control (called by the server) -------------------------------------------
 
     @property
     def running(self) -> bool:
-        return self._scope is not None
+        return self._worker is not None
 
     @property
     def ready(self) -> bool:
         return self.started and self.enabled and self.size > 0 and self.address is not None
 
-    async def start(
-        self, nursery: trio.Nursery, device: Device, memory: GuestMemory, features: int
-    ) -> None:
-        """Build the ring over `memory` and start the device's worker for it."""
+    @property
+    def active(self) -> bool:
+        """The ring is built and has not failed (what the worker serves)."""
+        return self.ring is not None and self.failure is None
+
+    async def start(self, workers: QueueWorkers, memory: GuestMemory, features: int) -> None:
+        """Build the ring over `memory` and hand it to its group's worker."""
         assert self.address is not None and not self.running
         self.ring = make_queue(
             memory,
@@ -82,7 +81,9 @@ class Vring:
             features=features,
             base=self._ring_base(features),
         )
-        await nursery.start(self._work, device)
+        self.failure = None
+        self._worker = await workers.get(self.index)
+        self._worker.attach(self)
         log.debug("queue %d started (size %d)", self.index, self.size)
 
     def _ring_base(self, features: int) -> int:
@@ -100,10 +101,10 @@ class Vring:
         return self.base
 
     async def stop(self) -> None:
-        """Stop the worker, letting requests in flight complete; remember the base."""
-        if self._scope is not None:
-            self._scope.cancel()
-            await self._stopped.wait()
+        """Stop serving, letting requests in flight complete; remember the base."""
+        if self._worker is not None:
+            await self._worker.detach(self)
+            self._worker = None
         if self.ring is not None:
             self.base = self.ring.get_base()
             self.ring = None
@@ -126,95 +127,54 @@ class Vring:
             close_fd(fd)
         self.__init__(self.index)  # type: ignore[misc]
 
-    async def _work(
-        self, device: Device, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        self._stopped = trio.Event()
-        try:
-            with trio.CancelScope() as self._scope:
-                task_status.started()
-                await device.run_queue(self)
-        except VirtioError as exc:
-            self._fail(exc)
-        except Exception:
-            log.exception("queue %d: device worker crashed; queue stopped", self.index)
-            self._signal(self.err_fd)
-        finally:
-            self._scope = None
-            self._stopped.set()
+    # --- the Queue a device sees (on the worker thread) -----------------------------
 
-    # --- the Queue a device sees ---------------------------------------------------
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains (none once the queue failed)."""
+        ring = self.ring
+        if ring is None or self.failure is not None:
+            return []
+        return ring.pop_batch(limit)
 
     def pop(self) -> DescriptorChain | None:
-        ring = self.ring
-        if ring is None:
-            return None
-        try:
-            return ring.pop()
-        except VirtioError as exc:  # DescriptorError included
-            self._fail(exc)
-            return None
+        chains = self.pop_batch(1)
+        return chains[0] if chains else None
+
+    def fill(self, chain: DescriptorChain, written: int) -> None:
+        assert self.ring is not None
+        self.ring.fill(chain, written)
+
+    def flush(self) -> None:
+        if self.ring is not None:
+            self.ring.flush()
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         assert self.ring is not None
         self.ring.push(chain, written)
 
     def notify(self) -> None:
-        if self.ring is not None and self.ring.should_notify():
-            self._signal(self.call_fd)
+        """Publish what was filled and interrupt the driver if it asked for it."""
+        ring = self.ring
+        if ring is not None:
+            ring.flush()
+            if ring.should_notify():
+                self._signal(self.call_fd)
 
-    async def wait_kick(self) -> None:
-        """Sleep until the driver kicks (or, with no kick fd, poll the ring).
+    def wake(self) -> None:
+        """Have the worker look at this queue soon (from any thread)."""
+        if self._worker is not None:
+            self._worker.wake()
 
-        Kicks are re-enabled first; if buffers arrived meanwhile, return at once.
-        """
-        if self.ring is not None and self.ring.enable_kicks():
+    def fail(self, message: str) -> None:
+        """Stop serving this queue (until the device is reset) and tell the front-end."""
+        if self.failure is not None:
             return
-        fd = self.kick_fd
-        if fd is None:
-            while self.ring is not None and not self.ring.has_available():
-                await trio.sleep(0.001)
-            return
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                os.eventfd_read(fd)
-                return
-            except BlockingIOError:
-                continue
-
-    async def serve(self, handler: Callable[[Vring], Awaitable[None] | None]) -> None:
-        """Run `handler` whenever buffers may be available, until cancelled.
-
-        Kicks are suppressed while the handler drains the ring; the handler itself is
-        shielded so that a stop waits for the requests it has taken.
-        """
-        while self.ring is not None and not self.ring.broken:
-            await self.wait_kick()
-            while self.ring is not None and not self.ring.broken:
-                self.ring.disable_kicks()
-                with trio.CancelScope(shield=True):
-                    result = handler(self)
-                    if result is not None:
-                        await result
-                if not self.ring.enable_kicks() and not await self._poll():
-                    break
-
-    async def _poll(self) -> bool:
-        """Spin briefly for new buffers before going back to sleep on the eventfd."""
-        deadline = trio.current_time() + POLL_SECONDS
-        while trio.current_time() < deadline:
-            if self.ring is None or self.ring.has_available():
-                return True
-            await trio.lowlevel.checkpoint()
-        return False
-
-    def _fail(self, exc: Exception) -> None:
-        log.error("queue %d: %s; queue stopped until the device is reset", self.index, exc)
+        self.failure = message
+        log.error("queue %d: %s; queue stopped until the device is reset", self.index, message)
         self._signal(self.err_fd)
 
     @staticmethod
     def _signal(fd: int | None) -> None:
         if fd is not None:
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(BlockingIOError, OSError):
                 os.eventfd_write(fd, 1)

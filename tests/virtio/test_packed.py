@@ -11,6 +11,7 @@ from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import VirtioFeature
 from vdev.virtio.layout import DESC, DescFlag
 from vdev.virtio.queue import PACKED_INITIAL_BASE, PackedQueue
+from vdev.virtio.ring import MIN_INDIRECT_LIMIT
 
 from .helpers import Pair, RawPacked, assert_broken_alone, make_pair, table, write_buffer
 
@@ -78,7 +79,7 @@ HOSTILE = {
     "indirect-after-direct": (_indirect_after_direct, "must be alone"),
     "indirect-zero-length": (_indirect_table(0), "length 0 is not"),
     "indirect-length-not-multiple-of-16": (_indirect_table(24), "length 24 is not"),
-    "indirect-larger-than-queue": (_indirect_table(16 * (SIZE + 1)), "exceeds the queue"),
+    "indirect-larger-than-limit": (_indirect_table(16 * (MIN_INDIRECT_LIMIT + 1)), "exceeds the limit"),
     "nested-indirect": (_nested_indirect, "inside an indirect table"),
     "indirect-readable-after-writable": (
         _indirect_table(32, table((1 << 20, 4, 0, WRITE), (1 << 20, 4, 0, 0))),

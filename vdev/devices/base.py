@@ -1,16 +1,18 @@
 """The device-model contract: what a virtio device served by vdev looks like.
 
 This is also the raw-device plugin contract: subclass `Device`, set `device_id`, and
-implement `handle` (or `run_queue` for full control). The server negotiates features,
-maps memory and starts one `run_queue` task per enabled queue; the queue object it
-passes has `pop`, `push`, `notify` (the libvhost-user trio: take a chain, complete it,
-interrupt the driver if it asked for it).
+implement `handle`. The server negotiates features, maps memory and hands each enabled
+queue to a worker thread (`vdev.worker`); the worker calls `handle(queue)` whenever the
+queue may have work. The queue has the libvhost-user calls: `pop_batch` / `pop` (take
+chains), `fill` / `push` (complete one), `notify` (publish and interrupt the driver if
+it asked for it). Handlers run on the worker thread, never on the event loop: they may
+block on I/O, and they must not call trio.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
 from vdev.virtio.chain import DescriptorChain
@@ -27,21 +29,29 @@ class Queue(Protocol):
     """One virtqueue as a device sees it (implemented by `vdev.vring.Vring`)."""
 
     index: int
+    #: Counters the device keeps for this queue (requests, bytes, ...).
+    counters: dict[str, int]
+
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains (none once the queue is broken)."""
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None (also None once the queue is broken)."""
 
+    def fill(self, chain: DescriptorChain, written: int) -> None:
+        """Complete `chain` (`written` bytes stored), visible to the driver at `flush`."""
+
+    def flush(self) -> None:
+        """Publish every completion filled so far."""
+
     def push(self, chain: DescriptorChain, written: int) -> None:
-        """Complete `chain`, reporting `written` bytes stored in its writable buffers."""
+        """`fill` and `flush` one chain."""
 
     def notify(self) -> None:
-        """Interrupt the driver if it wants an interrupt for what was pushed."""
+        """Publish, and interrupt the driver if it wants an interrupt for it."""
 
-    async def wait_kick(self) -> None:
-        """Sleep until the driver signals new buffers."""
-
-    async def serve(self, handler: Callable[[Queue], Awaitable[None] | None]) -> None:
-        """Call `handler` whenever buffers may be available, until cancelled."""
+    def wake(self) -> None:
+        """Have the worker call the handler soon (safe from any thread)."""
 
 
 class Device:
@@ -73,13 +83,29 @@ class Device:
         """The features the driver accepted (transport bits included)."""
         self.acked_features = features
 
-    async def run_queue(self, queue: Queue) -> None:
-        """Serve one enabled queue until cancelled. Default: `handle` on every kick."""
-        await queue.serve(self.handle)
+    # --- the data plane (called on the queue's worker thread) ---------------------------
 
-    def handle(self, queue: Queue) -> Awaitable[None] | None:
-        """Process the available chains of `queue` (pop, push, notify)."""
+    def queue_group(self, index: int) -> int:
+        """Queues of one group share a worker thread (a net queue pair does)."""
+        return index
+
+    def start_queue(self, queue: Queue) -> None:
+        """`queue` is about to be served (on its worker thread)."""
+
+    def handle(self, queue: Queue) -> None:
+        """Process the available chains of `queue` (pop, fill, notify)."""
         raise NotImplementedError
+
+    def has_work(self, queue: Queue) -> bool:
+        """Work the device has for `queue` without a kick (completions, frames queued)."""
+        return False
+
+    def wait_fds(self, queue: Queue) -> Sequence[int]:
+        """Fds whose readability means work for `queue` (a TAP, completions)."""
+        return ()
+
+    def stop_queue(self, queue: Queue) -> None:
+        """`queue` stops being served: complete what it has in flight."""
 
     async def handle_message(self, request: int, payload: object) -> object:
         """A device-specific vhost-user request (SEND_RARP, NET_SET_MTU, ...)."""
@@ -87,6 +113,10 @@ class Device:
 
     def memory_changed(self, memory: GuestMemory) -> None:
         """Guest memory was mapped or remapped (SET_MEM_TABLE, ADD/REM_MEM_REG).
+
+        Called in a thread of its own, with the queues that use the memory stopped: it
+        may block (a driver-domain child maps the same memory) without stalling the
+        event loop.
 
         Devices normally need not care: chains carry views into the new memory. The
         default passes the news on to a backend that asks for it (a driver-domain proxy

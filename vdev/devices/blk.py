@@ -4,37 +4,38 @@ A request is a 16-byte header at the front of the device-readable buffers, data,
 a status byte at the very end of the device-writable buffers. Data buffers reach the
 backend as memoryviews into guest memory (sliced, never copied).
 
-Each queue works in groups: pop available chains and validate them on the event loop,
-run a group's backend calls in one hop (`BlkDevice.offload`, a worker thread by
-default), then push its completions and notify once. Small requests share a group (up
-to `MIN_GROUP_BYTES`); a backend with `max_concurrency` > 1 (the file backend) gets
-that many groups in flight per queue, so large transfers overlap. Queues are served
-independently; a proxy backend (one that forwards to a driver domain) works unchanged.
+Each queue is served on its worker thread: `handle` pops a batch of chains, turns them
+into `BlkRequest`s, has the queue's executor run those that need the backend (inline,
+on I/O threads, or in a driver domain: `executor_factory`), then writes every status,
+publishes the used entries once and notifies once.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from enum import IntEnum, IntFlag
-from typing import NamedTuple, Protocol, TypeVar
-
-import outcome
-import trio
+from collections.abc import Callable, Sequence
+from enum import IntFlag
 
 from vdev.backend import BlockBackend
 from vdev.devices.base import Device, DeviceError, Queue
-from vdev.trioutil import unwrap_single
+from vdev.devices.blk_requests import (
+    HEADER_BYTES,
+    WRITES,
+    BlkRequest,
+    Executor,
+    Range,
+    RequestType,
+    Status,
+    default_executor,
+)
 from vdev.units import parse_int
 from vdev.virtio.chain import DescriptorChain
 
-log = logging.getLogger(__name__)
+__all__ = ["BlkDevice", "BlkFeature", "BlkRequest", "RequestType", "Status"]
 
-_T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 SECTOR_SIZE = 512
 #: Length of the device ID string (VIRTIO_BLK_T_GET_ID).
@@ -46,9 +47,8 @@ SEG_MAX_QUEUE = 128
 #: Limits of one discard / write-zeroes request (sectors, and segments).
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR_SIZE
 MAX_DISCARD_SEGMENTS = 32
-#: Data worth a hop of its own: smaller requests are grouped up to this size, so that
-#: a thread wake-up is not paid for every 4 KiB.
-MIN_GROUP_BYTES = 64 * 1024
+#: Chains taken from a ring per batch, at most.
+BATCH = 256
 
 
 class BlkFeature(IntFlag):
@@ -65,27 +65,6 @@ class BlkFeature(IntFlag):
     MQ = 1 << 12
     DISCARD = 1 << 13
     WRITE_ZEROES = 1 << 14
-
-
-class RequestType(IntEnum):
-    """`type` of a virtio_blk_req."""
-
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-    SECURE_ERASE = 14
-
-
-class Status(IntEnum):
-    """The status byte a request completes with."""
-
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
 
 
 class SegmentFlag(IntFlag):
@@ -107,72 +86,7 @@ CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 #: Offset of `writeback`, the only field a driver may write.
 WRITEBACK_OFFSET = 32
 
-_WRITES = frozenset({RequestType.OUT, RequestType.DISCARD, RequestType.WRITE_ZEROES})
 _STAT_NAMES = {t: f"{t.name.lower()}_requests" for t in RequestType}
-
-
-class Offload(Protocol):
-    """Runs a batch's backend work for queue `queue_index` without blocking the loop."""
-
-    def __call__(self, queue_index: int, work: Callable[[], _T], /) -> Awaitable[_T]: ...
-
-
-async def run_in_thread(queue_index: int, work: Callable[[], _T]) -> _T:
-    """The default offload: one of trio's cached worker threads.
-
-    The lean path under `trio.to_thread.run_sync` (no capacity limiter, no calls back
-    into trio): this hop is paid on every request. Like ``run_sync``, it is not
-    cancellable: the work always completes.
-    """
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(result: outcome.Outcome[_T]) -> None:
-        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(work, deliver, name="vdev-blk-io")
-    return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
-
-
-async def run_inline(queue_index: int, work: Callable[[], _T]) -> _T:
-    """Run on the event loop itself: for backends that never block (or tests)."""
-    return work()
-
-
-class Range(NamedTuple):
-    """One discard / write-zeroes segment, in bytes."""
-
-    offset: int
-    length: int
-    unmap: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A validated request, ready for the backend."""
-
-    type: RequestType
-    #: Byte offset (IN, OUT).
-    offset: int = 0
-    #: Data buffers: guest → disk for OUT, disk → guest for IN and GET_ID.
-    data: tuple[memoryview, ...] = ()
-    length: int = 0
-    #: DISCARD and WRITE_ZEROES segments.
-    ranges: tuple[Range, ...] = ()
-
-
-@dataclass(slots=True, eq=False)
-class _Job:
-    """One chain of a batch, from parsing to completion."""
-
-    chain: DescriptorChain
-    #: The status byte (last writable byte); None if the chain has no writable byte.
-    status_byte: memoryview | None
-    #: The header's request type; None if the header is short.
-    kind: int | None = None
-    #: The validated request, None if it fails without reaching the backend.
-    request: Request | None = None
-    status: Status = Status.IOERR
 
 
 class _Invalid(Exception):
@@ -219,8 +133,9 @@ class BlkDevice(Device):
     """A virtio block device over `backend`.
 
     `serial` (or else the backend's) is the ID string the guest reads, at most 20
-    ASCII characters. `offload` may be replaced before the device is served, to move
-    the hop to the backend elsewhere.
+    ASCII characters. `executor_factory(queue_index)` gives each queue the executor
+    that runs its requests; replace it before the device is served to run them
+    elsewhere (a driver domain does).
     """
 
     device_id = 2
@@ -246,10 +161,13 @@ class BlkDevice(Device):
         if len(self.serial) > ID_BYTES:
             raise ValueError(f"serial: {serial!r} is longer than {ID_BYTES} characters")
         self.backend = backend
-        self.offload: Offload = run_in_thread
         self.capacity = backend.size // SECTOR_SIZE
         self.writeback = True
-        self._stats: Counter[str] = Counter()
+        self._default_executor: Executor | None = None
+        self.executor_factory: Callable[[int], Executor] = self._in_process
+        self._executors: dict[int, Executor] = {}
+        #: Counters per queue, each written by its queue's worker thread only.
+        self._stats: list[Counter[str]] = [Counter() for _ in range(self.num_queues)]
 
     # --- negotiation and configuration ---------------------------------------------
 
@@ -320,84 +238,84 @@ class BlkDevice(Device):
 
     # --- requests --------------------------------------------------------------------
 
-    async def handle(self, queue: Queue) -> None:
-        """Serve the queue until it is empty and no request is in flight.
+    def _in_process(self, queue_index: int) -> Executor:
+        """The default executor: the backend in this process, shared by the queues."""
+        if self._default_executor is None:
+            self._default_executor = default_executor(self.backend)
+        return self._default_executor
 
-        Chains are taken in groups of at least `MIN_GROUP_BYTES` of data (or whatever is
-        available), and each group's backend work runs in one hop (`offload`). A
-        backend that accepts `max_concurrency` > 1 calls at once gets that many groups
-        in flight; chains beyond them wait in the ring. Each group completes (push,
-        then one notify) as soon as its hop returns, and frees its place for the next.
-        """
-        lanes = max(1, int(getattr(self.backend, "max_concurrency", 1)))
-        done_send, done_receive = trio.open_memory_channel[None](lanes)
-        busy = 0
-        with unwrap_single():
-            async with trio.open_nursery() as nursery:
-                while True:
-                    for group in self._take(queue, lanes - busy):
-                        nursery.start_soon(self._run, queue, group, done_send)
-                        busy += 1
-                    if not busy:
-                        return
-                    await done_receive.receive()
-                    busy -= 1
+    def start_queue(self, queue: Queue) -> None:
+        if queue.index not in self._executors:
+            self._executors[queue.index] = self.executor_factory(queue.index)
 
-    def _take(self, queue: Queue, groups: int) -> list[list[_Job]]:
-        """Up to `groups` groups of the chains available now, parsed."""
-        taken: list[list[_Job]] = []
-        group: list[_Job] = []
-        size = 0
-        while len(taken) < groups and (chain := queue.pop()) is not None:
-            job = self._parse(chain)
-            group.append(job)
-            size += job.request.length if job.request is not None else 0
-            if size >= MIN_GROUP_BYTES:
-                taken.append(group)
-                group, size = [], 0
-        if group:
-            taken.append(group)
-        return taken
-
-    async def _run(
-        self, queue: Queue, jobs: list[_Job], done: trio.MemorySendChannel[None]
-    ) -> None:
-        """Execute one group of a batch in one hop, then complete it."""
-        requests = [job.request for job in jobs if job.request is not None]
-        if requests:
-            work = functools.partial(self._execute, requests, self.writethrough)
-            statuses = iter(await self.offload(queue.index, work))
-            for job in jobs:
-                if job.request is not None:
-                    job.status = next(statuses)
-        for job in jobs:
-            queue.push(job.chain, self._complete(queue.index, job))
+    def handle(self, queue: Queue) -> None:
+        """Serve one batch: parse, run what needs the backend, complete all, notify."""
+        chains = queue.pop_batch(BATCH)
+        if not chains:
+            return
+        requests = [self._parse(chain) for chain in chains]
+        todo = [r for r in requests if r.status == Status.OK and r.type != RequestType.GET_ID]
+        if todo:
+            self._executors[queue.index].run(todo)
+            if self.writethrough:
+                self._write_through(queue.index, todo)
+        stats = self._stats[queue.index]
+        for request in requests:
+            queue.fill(request.chain, self._complete(stats, request))  # type: ignore[arg-type]
         queue.notify()
-        done.send_nowait(None)
 
-    def _parse(self, chain: DescriptorChain) -> _Job:
-        """Split a chain into header, data and status byte, and validate the request."""
-        data_in, status_part = split_at(chain.writable, chain.writable_len - 1)
+    def _write_through(self, index: int, requests: list[BlkRequest]) -> None:
+        """Flush after a batch's writes; they fail if the flush does."""
+        wrote = [r for r in requests if r.type in WRITES and r.status == Status.OK]
+        if wrote:
+            flush = BlkRequest(RequestType.FLUSH)
+            self._executors[index].run([flush])
+            if flush.status != Status.OK:
+                for request in wrote:
+                    request.status = Status.IOERR
+
+    def _parse(self, chain: DescriptorChain) -> BlkRequest:
+        """The request a chain holds, validated; one that must fail without reaching the
+        backend comes with its status set (IOERR, UNSUPP)."""
+        writable = chain.writable
+        if not writable or not writable[-1].nbytes:
+            data_in, status_part = split_at(writable, chain.writable_len - 1)
+        else:  # the usual layout: the status byte ends the last buffer
+            last = writable[-1]
+            data_in = writable[:-1]
+            if last.nbytes > 1:
+                data_in.append(last[:-1])
+            status_part = [last[-1:]]
         if not status_part:
             log.warning("request %d has no status byte; completed with nothing", chain.head)
-            return _Job(chain, None)
-        job = _Job(chain, status_part[0])
-        header, data_out = split_at(chain.readable, REQUEST_HEADER.size)
-        raw = b"".join(header)
-        if len(raw) < REQUEST_HEADER.size:
+            return BlkRequest(-1, chain=chain, status=Status.IOERR)
+        readable = chain.readable
+        first = readable[0] if readable else None
+        if first is not None and first.nbytes >= HEADER_BYTES:
+            raw = first[:HEADER_BYTES]
+            data_out = readable[1:]
+            if first.nbytes > HEADER_BYTES:
+                data_out.insert(0, first[HEADER_BYTES:])
+        else:
+            header, data_out = split_at(readable, HEADER_BYTES)
+            raw = b"".join(header)
+        if len(raw) < HEADER_BYTES:
             log.warning("request %d has a header of %d bytes", chain.head, len(raw))
-            return job
-        job.kind, _reserved, sector = REQUEST_HEADER.unpack(raw)
-        try:
-            job.request = self._request(job.kind, sector, data_out, data_in)
-        except _Invalid as exc:
-            log.debug("request %d: %s", chain.head, exc)
-            job.status = exc.status
-        return job
+            request = BlkRequest(-1, chain=chain, status=Status.IOERR)
+        else:
+            kind, _reserved, sector = REQUEST_HEADER.unpack(raw)
+            try:
+                request = self._request(kind, sector, data_out, data_in)
+            except _Invalid as exc:
+                log.debug("request %d: %s", chain.head, exc)
+                request = BlkRequest(kind, status=exc.status)
+            request.chain = chain
+        request.status_byte = status_part[0]
+        return request
 
     def _request(
         self, kind: int, sector: int, data_out: list[memoryview], data_in: list[memoryview]
-    ) -> Request:
+    ) -> BlkRequest:
         """The request a header describes; `_Invalid` if it must fail without I/O."""
         if kind == RequestType.IN:
             return self._transfer(RequestType.IN, sector, data_in)
@@ -405,12 +323,13 @@ class BlkDevice(Device):
             self._check_writable()
             return self._transfer(RequestType.OUT, sector, data_out)
         if kind == RequestType.FLUSH:
-            return Request(RequestType.FLUSH)
+            return BlkRequest(RequestType.FLUSH)
         if kind == RequestType.GET_ID:
             length = sum(v.nbytes for v in data_in)
             if length < ID_BYTES:
                 raise _Invalid(Status.IOERR, f"GET_ID buffer of {length} bytes")
-            return Request(RequestType.GET_ID, data=tuple(data_in), length=length)
+            _scatter(data_in, self.serial.ljust(length, b"\0"))
+            return BlkRequest(RequestType.GET_ID, length=length)
         if kind == RequestType.DISCARD and self.backend.supports_discard:
             return self._segments(RequestType.DISCARD, data_out)
         if kind == RequestType.WRITE_ZEROES and self.backend.supports_write_zeroes:
@@ -427,14 +346,14 @@ class BlkDevice(Device):
                 Status.IOERR, f"sectors {sector}+{sectors} past the end ({self.capacity})"
             )
 
-    def _transfer(self, kind: RequestType, sector: int, data: list[memoryview]) -> Request:
-        length = sum(v.nbytes for v in data)
+    def _transfer(self, kind: RequestType, sector: int, data: list[memoryview]) -> BlkRequest:
+        length = sum(v.nbytes for v in data) if len(data) != 1 else data[0].nbytes
         if length % SECTOR_SIZE:
             raise _Invalid(Status.IOERR, f"{kind.name} of {length} bytes, not whole sectors")
         self._check_range(sector, length // SECTOR_SIZE)
-        return Request(kind, sector * SECTOR_SIZE, tuple(data), length)
+        return BlkRequest(kind, sector * SECTOR_SIZE, data, length)
 
-    def _segments(self, kind: RequestType, payload: list[memoryview]) -> Request:
+    def _segments(self, kind: RequestType, payload: list[memoryview]) -> BlkRequest:
         self._check_writable()
         raw = b"".join(payload)
         count, rest = divmod(len(raw), SEGMENT.size)
@@ -450,73 +369,47 @@ class BlkDevice(Device):
             ranges.append(
                 Range(sector * SECTOR_SIZE, sectors * SECTOR_SIZE, bool(flags & SegmentFlag.UNMAP))
             )
-        return Request(kind, ranges=tuple(ranges))
+        return BlkRequest(kind, ranges=tuple(ranges))
 
-    def _execute(self, requests: list[Request], writethrough: bool) -> list[Status]:
-        """Run a batch on the backend (in the offload context, not on the event loop)."""
-        statuses = [self._execute_one(r) for r in requests]
-        if writethrough:
-            wrote = [i for i, r in enumerate(requests) if r.type in _WRITES and not statuses[i]]
-            if wrote and self._execute_one(Request(RequestType.FLUSH)) != Status.OK:
-                for i in wrote:
-                    statuses[i] = Status.IOERR
-        return statuses
-
-    def _execute_one(self, request: Request) -> Status:
-        backend = self.backend
-        try:
-            match request.type:
-                case RequestType.IN:
-                    backend.read(request.offset, request.data)
-                case RequestType.OUT:
-                    backend.write(request.offset, request.data)
-                case RequestType.FLUSH:
-                    backend.flush()
-                case RequestType.GET_ID:
-                    _scatter(request.data, self.serial.ljust(request.length, b"\0"))
-                case RequestType.DISCARD:
-                    for r in request.ranges:
-                        backend.discard(r.offset, r.length)
-                case RequestType.WRITE_ZEROES:
-                    for r in request.ranges:
-                        backend.write_zeroes(r.offset, r.length, r.unmap)
-        except OSError as exc:
-            log.warning("%s at byte %d failed: %s", request.type.name, request.offset, exc)
-            return Status.IOERR
-        except Exception:
-            log.exception("%s at byte %d: backend error", request.type.name, request.offset)
-            return Status.IOERR
-        return Status.OK
-
-    def _complete(self, index: int, job: _Job) -> int:
+    def _complete(self, stats: Counter[str], request: BlkRequest) -> int:
         """Write the status byte and count the request; return the used length."""
-        stats = self._stats
+        status = request.status
         stats["requests"] += 1
-        stats[f"queue{index}_requests"] += 1
-        if job.kind is not None:
-            stats[_STAT_NAMES.get(job.kind, "other_requests")] += 1
-        if job.status != Status.OK:
+        stats[_STAT_NAMES.get(request.type, "other_requests")] += 1  # type: ignore[call-overload]
+        status_byte = request.status_byte
+        if status != Status.OK:
             stats["errors"] += 1
-            stats["unsupported"] += job.status == Status.UNSUPP
-        if job.status_byte is None:
-            return 0
-        job.status_byte[0] = job.status
-        request = job.request
-        if job.status == Status.OK and request is not None:
-            if request.type == RequestType.IN:
-                stats["bytes_read"] += request.length
-            elif request.type == RequestType.OUT:
-                stats["bytes_written"] += request.length
-        # The status byte ends the writable area, so the whole area is the response
-        # (what QEMU reports too; drivers ignore it).
-        return job.chain.writable_len
+            stats["unsupported"] += status == Status.UNSUPP
+            if status_byte is None:
+                return 0
+            status_byte[0] = status
+            return 1  # only the status byte was written
+        assert status_byte is not None
+        status_byte[0] = Status.OK
+        if request.type == RequestType.IN:
+            stats["bytes_read"] += request.length
+            return request.length + 1
+        if request.type == RequestType.OUT:
+            stats["bytes_written"] += request.length
+        elif request.type == RequestType.GET_ID:
+            return request.length + 1
+        return 1
 
     def stats(self) -> dict[str, int]:
         """Requests (total, per type, per queue), bytes read and written, errors."""
         keys = ["requests", *_STAT_NAMES.values(), "other_requests"]
         keys += ["bytes_read", "bytes_written", "errors"]
-        keys += ["unsupported", *(f"queue{i}_requests" for i in range(self.num_queues))]
-        return {key: self._stats[key] for key in keys}
+        keys += ["unsupported"]
+        total: Counter[str] = Counter()
+        for counters in self._stats:
+            total.update(counters)
+        out = {key: total[key] for key in keys}
+        for index, counters in enumerate(self._stats):
+            out[f"queue{index}_requests"] = counters["requests"]
+        return out
 
     def close(self) -> None:
+        executors = [*self._executors.values(), self._default_executor]
+        for executor in {id(e): e for e in executors if e is not None}.values():
+            executor.close()
         self.backend.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True, eq=False)
@@ -21,6 +21,11 @@ class DescriptorChain:
     writable: list[memoryview]
     #: Ring descriptors the chain occupies (an indirect table counts as one).
     ndescs: int = 1
+    #: Guest address and length of each descriptor, flat (gpa, len, gpa, len, ...):
+    #: the device-readable ones first, then `nreadable` marks where writable ones start.
+    addrs: list[int] = field(default_factory=list)
+    #: How many of the `addrs` pairs are device-readable.
+    nreadable: int = 0
 
     @property
     def readable_len(self) -> int:
@@ -29,6 +34,16 @@ class DescriptorChain:
     @property
     def writable_len(self) -> int:
         return sum(v.nbytes for v in self.writable)
+
+    @property
+    def readable_addrs(self) -> list[int]:
+        """(gpa, len) pairs of the device-readable descriptors, flat."""
+        return self.addrs[: 2 * self.nreadable]
+
+    @property
+    def writable_addrs(self) -> list[int]:
+        """(gpa, len) pairs of the device-writable descriptors, flat."""
+        return self.addrs[2 * self.nreadable :]
 
     def read_all(self) -> bytes:
         """A copy of all readable bytes (for headers; bulk data should use the views)."""
@@ -52,3 +67,22 @@ class DescriptorChain:
             done += n
             offset = 0
         return done
+
+
+def trim_addrs(addrs: list[int], head: int, tail: int) -> list[int]:
+    """Flat (gpa, len) pairs of `addrs` without their first `head` and last `tail` bytes.
+
+    For requests whose header and status share descriptors with the data (a driver
+    may pack them any way it likes); zero-length pieces are dropped.
+    """
+    out: list[int] = []
+    total = sum(addrs[1::2])
+    end = total - tail
+    pos = 0
+    for i in range(0, len(addrs), 2):
+        gpa, length = addrs[i], addrs[i + 1]
+        start, stop = max(head, pos), min(end, pos + length)
+        if start < stop:
+            out += (gpa + start - pos, stop - start)
+        pos += length
+    return out

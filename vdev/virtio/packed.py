@@ -73,6 +73,10 @@ class PackedQueue(Virtqueue):
         self._device_event = used
         #: Descriptors used since the last `should_notify`.
         self._advanced = 0
+        #: AVAIL/USED bits that mark a descriptor used in the current lap.
+        self._used_flags = avail_used_bits(self._used_wrap, used=True)
+        #: (u16 index, flags) of the filled descriptors `flush` hands back.
+        self._unpublished_flags: list[tuple[int, int]] = []
         self._set_kicks(True)
 
     def has_available(self) -> bool:
@@ -109,8 +113,6 @@ class PackedQueue(Virtqueue):
         # The buffer id is the one of the last descriptor.
         chain.head, chain.ndescs = buffer_id, count
         self._next_avail, self._avail_wrap = pos, wrap
-        if self._event_idx and self._kicks_enabled:
-            self._set_kicks(True)
         return chain
 
     def _read_indirect(self, chain: DescriptorChain, table: bytes) -> None:
@@ -120,22 +122,30 @@ class PackedQueue(Virtqueue):
             self._check_indirect_entry(flags)
             self._add_buffer(chain, addr, length, flags & F_WRITE)
 
-    def _push(self, chain: DescriptorChain, written: int) -> None:
+    def _fill(self, chain: DescriptorChain, written: int) -> None:
         offset = DESC_SIZE * self._next_used
         PACKED_LEN_ID.pack_into(self._desc, offset + PACKED_LEN_OFFSET, written, chain.head)
-        flags = avail_used_bits(self._used_wrap, used=True)
+        flags = self._used_flags
         if written:
             flags |= F_WRITE
-        # Flags last: they hand the descriptor back (x86 keeps stores in order).
-        # Not U16.pack_into, which zero-fills first: in a wrap-0 lap the driver would
-        # take the transient 0 for "used", reuse the descriptor, and then lose its new
-        # flags under our store.
-        self._desc_u16[(offset + PACKED_FLAGS_OFFSET) // U16.size] = flags
+        self._unpublished_flags.append(((offset + PACKED_FLAGS_OFFSET) // U16.size, flags))
         self._next_used += chain.ndescs
         if self._next_used >= self.size:
             self._next_used -= self.size
             self._used_wrap = not self._used_wrap
+            self._used_flags = avail_used_bits(self._used_wrap, used=True)
         self._advanced += chain.ndescs
+
+    def _flush(self) -> None:
+        # Flags hand descriptors back: the first one last, so that the driver, which
+        # reads in ring order, sees the whole batch at once (x86 keeps stores in order).
+        # Not U16.pack_into, which zero-fills first: in a wrap-0 lap the driver would
+        # take the transient 0 for "used", reuse the descriptor, and then lose its new
+        # flags under our store.
+        pending, field = self._unpublished_flags, self._desc_u16
+        for index, flags in reversed(pending):
+            field[index] = flags
+        pending.clear()
 
     def _need_notify(self, pushed: int) -> bool:
         advanced, self._advanced = self._advanced, 0

@@ -1,20 +1,24 @@
 """The device side of a virtqueue: the interface both ring layouts implement.
 
-Typical worker loop (libvhost-user style)::
+The API is batch-shaped, as libvhost-user's (pop / fill / flush / notify)::
 
     queue.disable_kicks()
     while True:
-        while (chain := queue.pop()) is not None:
+        chains = queue.pop_batch(64)
+        for chain in chains:
             ...
-            queue.push(chain, written)
+            queue.fill(chain, written)   # the used entry, not yet visible
+        queue.flush()                    # publish every filled entry at once
         if queue.should_notify():
             signal_call_eventfd()
-        if not queue.enable_kicks():
+        if not chains and not queue.enable_kicks():
             break              # sleep on the kick eventfd
         queue.disable_kicks()  # buffers arrived meanwhile: drain again
 
-A queue is used by one thread at a time. Anything wrong in what the driver wrote makes
-`pop` raise `DescriptorError` and breaks that queue only.
+`push` is `fill` then `flush`. A queue is used by one thread at a time. Anything wrong
+in what the driver wrote breaks that queue only: `pop` raises `DescriptorError`,
+`pop_batch` returns the good chains before the bad one and leaves the error in
+`failure`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from vdev.virtio.memory import GuestMemory
 
 logger = logging.getLogger(__name__)
 
+#: Longest indirect table accepted on any queue, whatever its size. The spec bounds a
+#: table by what the device handles, not by the queue size: virtio-blk offers
+#: `seg_max` 126 (header and status make 128), and Linux builds tables that long even
+#: on a 64-entry queue.
+MIN_INDIRECT_LIMIT = 128
+
 
 class Virtqueue(ABC):
     """One virtqueue over guest memory (split or packed)."""
@@ -37,15 +47,20 @@ class Virtqueue(ABC):
     def __init__(self, mem: GuestMemory, index: int, size: int, features: int) -> None:
         self.index = index
         self.size = size
-        #: Set once the driver put a malformed chain on the queue; `pop` then yields None.
+        #: Set once the driver put a malformed chain on the queue; nothing is popped then.
         self.broken = False
+        #: Why the queue broke.
+        self.failure: DescriptorError | None = None
         self._mem = mem
         self._event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
         self._indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
+        self._indirect_limit = max(size, MIN_INDIRECT_LIMIT)
         self._fence = Fence()
         self._in_flight: set[int] = set()
         self._kicks_enabled = True
-        #: Chains pushed since the last `should_notify`.
+        #: Chains filled and not yet published by `flush`.
+        self._unpublished = 0
+        #: Chains published since the last `should_notify`.
         self._pushed = 0
 
     def __repr__(self) -> str:
@@ -57,30 +72,52 @@ class Virtqueue(ABC):
         """Chains popped and not pushed yet."""
         return len(self._in_flight)
 
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        """Up to `limit` available chains, in ring order.
+
+        A malformed chain breaks the queue: the chains before it are returned (they are
+        in flight and must be completed), `broken` is set and `failure` says why.
+        """
+        chains: list[DescriptorChain] = []
+        if self.broken:
+            return chains
+        in_flight = self._in_flight
+        try:
+            while len(chains) < limit:
+                chain = self._pop()
+                if chain is None:
+                    break
+                if chain.head in in_flight:
+                    raise self._error(f"buffer {chain.head} made available while in flight")
+                in_flight.add(chain.head)
+                chains.append(chain)
+        except DescriptorError as exc:
+            self.broken = True
+            self.failure = exc
+            logger.debug("%r: %s", self, exc)
+        if chains and self._event_idx and self._kicks_enabled:
+            self._set_kicks(True)
+        return chains
+
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None.
 
         Raises `DescriptorError` if the driver's chain is malformed; the queue is then
         broken and returns None forever.
         """
-        if self.broken:
-            return None
-        try:
-            chain = self._pop()
-            if chain is not None and chain.head in self._in_flight:
-                raise self._error(f"buffer {chain.head} made available while in flight")
-        except DescriptorError as exc:
-            self.broken = True
-            logger.debug("%r: %s", self, exc)
-            raise
-        if chain is not None:
-            self._in_flight.add(chain.head)
-        return chain
+        was_broken = self.broken
+        chains = self.pop_batch(1)
+        if chains:
+            return chains[0]
+        if self.broken and not was_broken:
+            assert self.failure is not None
+            raise self.failure
+        return None
 
-    def push(self, chain: DescriptorChain, written: int) -> None:
-        """Return `chain` to the driver with `written` bytes stored in its writable part.
+    def fill(self, chain: DescriptorChain, written: int) -> None:
+        """Write `chain`'s used entry (`written` bytes stored in its writable part).
 
-        Chains may be pushed in any order. Call `should_notify` after a batch.
+        The driver sees it only after `flush`. Chains may be filled in any order.
         """
         if chain.head not in self._in_flight:
             raise ValueError(f"{self!r}: chain {chain.head} is not in flight")
@@ -89,11 +126,23 @@ class Virtqueue(ABC):
                 f"{self!r}: {written} bytes written into {chain.writable_len} writable"
             )
         self._in_flight.remove(chain.head)
-        self._push(chain, written)
-        self._pushed += 1
+        self._fill(chain, written)
+        self._unpublished += 1
+
+    def flush(self) -> None:
+        """Publish every entry filled since the last flush (one index or flags store)."""
+        if self._unpublished:
+            self._flush()
+            self._pushed += self._unpublished
+            self._unpublished = 0
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """`fill` and `flush` one chain. Call `should_notify` after a batch."""
+        self.fill(chain, written)
+        self.flush()
 
     def should_notify(self) -> bool:
-        """True if the driver wants an interrupt for what was pushed since the last call."""
+        """True if the driver wants an interrupt for what was published since the last call."""
         if not self._pushed:
             return False
         self._fence()  # our used entries must be visible before we read the driver's wish
@@ -102,8 +151,9 @@ class Virtqueue(ABC):
 
     def disable_kicks(self) -> None:
         """Ask the driver not to notify us of new buffers (we are draining the ring)."""
-        self._kicks_enabled = False
-        self._set_kicks(False)
+        if self._kicks_enabled:
+            self._kicks_enabled = False
+            self._set_kicks(False)
 
     def enable_kicks(self) -> bool:
         """Ask for notifications again; True if buffers arrived meanwhile (drain again)."""
@@ -124,7 +174,10 @@ class Virtqueue(ABC):
     def _pop(self) -> DescriptorChain | None: ...
 
     @abstractmethod
-    def _push(self, chain: DescriptorChain, written: int) -> None: ...
+    def _fill(self, chain: DescriptorChain, written: int) -> None: ...
+
+    @abstractmethod
+    def _flush(self) -> None: ...
 
     @abstractmethod
     def _need_notify(self, pushed: int) -> bool: ...
@@ -139,12 +192,15 @@ class Virtqueue(ABC):
 
     def _add_buffer(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         """Append a direct descriptor's buffer to `chain`, bounds-checked."""
+        addrs = chain.addrs
         if flags & F_WRITE:
             target = chain.writable
-        elif chain.writable:
+        elif 2 * chain.nreadable != len(addrs):
             raise self._error("device-readable descriptor after a device-writable one")
         else:
             target = chain.readable
+            chain.nreadable += 1
+        addrs += (addr, length)
         try:
             target.extend(self._mem.gpa_views(addr, length))
         except GuestMemoryError as exc:
@@ -158,9 +214,10 @@ class Virtqueue(ABC):
             raise self._error("an indirect descriptor must be alone in its chain")
         if length == 0 or length % DESC_SIZE:
             raise self._error(f"indirect table length {length} is not a positive multiple of 16")
-        if length // DESC_SIZE > self.size:
+        if length // DESC_SIZE > self._indirect_limit:
             raise self._error(
-                f"indirect table of {length // DESC_SIZE} descriptors exceeds the queue size"
+                f"indirect table of {length // DESC_SIZE} descriptors exceeds the limit of "
+                f"{self._indirect_limit}"
             )
         try:
             return b"".join(self._mem.gpa_views(addr, length))

@@ -89,8 +89,6 @@ class SplitQueue(Virtqueue):
         head = U16.unpack_from(self._avail, SPLIT_RING_OFFSET + 2 * slot)[0]
         chain = self._read_chain(head)
         self._last_avail = (self._last_avail + 1) & 0xFFFF
-        if self._event_idx and self._kicks_enabled:
-            self._set_kicks(True)
         return chain
 
     def _read_chain(self, head: int) -> DescriptorChain:
@@ -131,14 +129,16 @@ class SplitQueue(Virtqueue):
             index = next_index
         raise self._error("indirect chain is longer than its table (a loop?)")
 
-    def _push(self, chain: DescriptorChain, written: int) -> None:
-        slot = self._used_idx % self.size
+    def _fill(self, chain: DescriptorChain, written: int) -> None:
+        slot = (self._used_idx + self._unpublished) % self.size
         USED_ELEM.pack_into(
             self._used, SPLIT_RING_OFFSET + USED_ELEM.size * slot, chain.head, written
         )
-        # Element before index: x86 keeps stores in order, so the driver never sees an
+
+    def _flush(self) -> None:
+        # Elements before index: x86 keeps stores in order, so the driver never sees an
         # index covering an element that is not written yet.
-        self._used_idx = (self._used_idx + 1) & 0xFFFF
+        self._used_idx = (self._used_idx + self._unpublished) & 0xFFFF
         # Not U16.pack_into: struct zero-fills its target before storing the value, and a
         # driver polling from another CPU (DPDK) then sees used.idx == 0 for an instant,
         # takes stale used entries for new ones and corrupts its free list.
