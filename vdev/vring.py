@@ -24,6 +24,7 @@ from vdev.worker import QueueWorker, QueueWorkers
 
 log = logging.getLogger(__name__)
 
+
 def close_fd(fd: int | None) -> None:
     """Close an fd that trio may be waiting on."""
     if fd is not None:

@@ -82,9 +82,7 @@ class QueueWorker:
         self._exit_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._sleeping = False
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._main, name=f"vdev-q{group}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._main, name=f"vdev-q{group}", daemon=True)
         self._token: trio.lowlevel.TrioToken | None = None
         #: Counters: batches handled, sleeps, spins that found work.
         self.stats = {"wakeups": 0, "sleeps": 0, "polls_found_work": 0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vdev.devices.blk import REQUEST_HEADER, SEGMENT, RequestType
@@ -78,20 +78,30 @@ class ListQueue:
     def add(self, *reqs: Req) -> None:
         self.pending.extend(r.chain for r in reqs)
 
+    counters: dict[str, int] = field(default_factory=dict)
+    flushes: int = 0
+
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        return [self.pending.popleft() for _ in range(min(limit, len(self.pending)))]
+
     def pop(self) -> DescriptorChain | None:
         return self.pending.popleft() if self.pending else None
 
-    def push(self, chain: DescriptorChain, written: int) -> None:
+    def fill(self, chain: DescriptorChain, written: int) -> None:
         self.used.append((chain.head, written))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        self.fill(chain, written)
+        self.flush()
 
     def notify(self) -> None:
         self.notifies += 1
 
-    async def wait_kick(self) -> None:
-        raise NotImplementedError
-
-    async def serve(self, handler: Callable[[ListQueue], Awaitable[None] | None]) -> None:
-        raise NotImplementedError
+    def wake(self) -> None:
+        pass
 
     def written(self, req: Req) -> int:
         return dict(self.used)[req.chain.head]

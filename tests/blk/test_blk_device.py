@@ -35,8 +35,8 @@ from vdev.devices.blk import (
     BlkFeature,
     RequestType,
     Status,
-    run_inline,
 )
+from vdev.devices.blk_requests import BlkRequest, InlineExecutor
 from vdev.plugins import Kind, load
 
 MiB = 1 << 20
@@ -101,15 +101,15 @@ class Plain(BlockBackend):
 def device_for(backend: BlockBackend, features: int = NEGOTIATED, **kwargs: int) -> BlkDevice:
     dev = BlkDevice(backend, **kwargs)  # type: ignore[arg-type]
     dev.set_features(features & (dev.features() | BlkFeature.FLUSH | BlkFeature.CONFIG_WCE))
-    dev.offload = run_inline
     return dev
 
 
 async def run(dev: BlkDevice, *reqs: Req, index: int = 0) -> ListQueue:
     q = ListQueue(index)
     q.add(*reqs)
-    await dev.handle(q)
-    assert not q.pending
+    dev.start_queue(q)
+    while q.pending:
+        dev.handle(q)
     return q
 
 
@@ -340,7 +340,8 @@ async def test_error_status(rec: Recording, make_req: Callable[[], Req], status:
     ok = read_req(0, SECTOR)
     q = await run(dev, req, ok)
     assert req.status == status
-    assert q.written(req) == sum(len(b) for b in req.writable)  # data area and status
+    assert q.written(req) == 1  # a failed request wrote its status byte only
+    assert q.written(ok) == SECTOR + 1  # data and status
     assert ok.status == OK  # the queue goes on
     assert rec.calls == [("read", 0)]  # the bad request never reached the backend
     assert dev.stats()["errors"] == 1
@@ -397,37 +398,45 @@ async def test_backend_failure_is_an_io_error(rec: Recording, error: type[Except
 # --- batching, threads, cache mode ---------------------------------------------------
 
 
-async def test_batch_is_one_hop_and_one_notify(rec: Recording) -> None:
-    dev = BlkDevice(rec)
+class CountingExecutor(InlineExecutor):
+    """The inline executor, recording the batches it is given."""
+
+    def __init__(self, backend: BlockBackend) -> None:
+        super().__init__(backend)
+        self.batches: list[list[int]] = []
+
+    def run(self, requests: Sequence[BlkRequest]) -> None:
+        self.batches.append([r.type for r in requests])
+        super().run(requests)
+
+
+async def test_batch_is_one_executor_run_and_one_notify(rec: Recording) -> None:
+    dev = BlkDevice(rec, queues=4)
     dev.set_features(BlkFeature.FLUSH)
-    hops = []
-
-    async def counting(index: int, work: Callable[[], object]) -> object:
-        hops.append(index)
-        return await trio.to_thread.run_sync(work)
-
-    dev.offload = counting  # type: ignore[assignment]
+    executors: dict[int, CountingExecutor] = {}
+    dev.executor_factory = lambda index: executors.setdefault(index, CountingExecutor(rec))
     reqs = [write_req(i, bytes([i]) * SECTOR) for i in range(5)] + [read_req(0, 5 * SECTOR)]
     q = await run(dev, *reqs, index=3)
-    assert hops == [3]
+    assert list(executors) == [3]
+    assert executors[3].batches == [[RequestType.OUT] * 5 + [RequestType.IN]]
     assert q.notifies == 1
     assert reqs[-1].data_in == b"".join(bytes([i]) * SECTOR for i in range(5))
-    assert threading.get_ident() not in rec.threads
 
 
-async def test_default_offload_uses_a_worker_thread(rec: Recording) -> None:
+async def test_serial_backend_runs_inline_on_the_queue_thread(rec: Recording) -> None:
     dev = BlkDevice(rec)
     await run(dev, read_req(0, SECTOR))
-    assert rec.threads and threading.get_ident() not in rec.threads
+    assert rec.threads == {threading.get_ident()}
 
 
-async def test_invalid_only_batch_needs_no_hop(rec: Recording) -> None:
+async def test_invalid_only_batch_needs_no_executor(rec: Recording) -> None:
     dev = BlkDevice(rec)
 
-    async def forbidden(index: int, work: Callable[[], object]) -> object:
-        raise AssertionError("no backend work expected")
+    class Forbidden(InlineExecutor):
+        def run(self, requests: Sequence[BlkRequest]) -> None:
+            raise AssertionError("no backend work expected")
 
-    dev.offload = forbidden  # type: ignore[assignment]
+    dev.executor_factory = lambda index: Forbidden(rec)
     req = simple_req(99)
     q = await run(dev, req)
     assert req.status == UNSUPP and q.notifies == 1
@@ -498,10 +507,12 @@ async def test_queues_proceed_independently() -> None:
     blocked = read_req(0, SECTOR)
     q0.add(blocked)
     q1.add(write_req(1, b"\x01" * SECTOR), write_req(2, b"\x02" * SECTOR))
+    for q in (q0, q1):
+        dev.start_queue(q)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev.handle, q0)
-            nursery.start_soon(dev.handle, q1)
+        async with trio.open_nursery() as nursery:  # each queue on a thread, as workers are
+            nursery.start_soon(trio.to_thread.run_sync, dev.handle, q0)
+            nursery.start_soon(trio.to_thread.run_sync, dev.handle, q1)
     assert blocked.status == OK
     stats = dev.stats()
     assert (stats["queue0_requests"], stats["queue1_requests"]) == (1, 2)

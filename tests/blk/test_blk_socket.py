@@ -23,7 +23,7 @@ SIZE = 8 * MiB
 
 
 def status(used: UsedBuffer) -> int:
-    return used.data[-1][-1]
+    return used.last_byte
 
 
 async def transact(queue: FrontendQueue, readable: list[bytes], writable: list[int]) -> UsedBuffer:

@@ -33,7 +33,7 @@ def segments(*segs: tuple[int, int, int]) -> bytes:
 
 
 def status(used: UsedBuffer) -> int:
-    return used.data[-1][-1]
+    return used.last_byte
 
 
 def blk_in_domain(socket: Path, backend: str, options: dict[str, Any], **domain: Any) -> BlkDevice:

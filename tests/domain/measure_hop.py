@@ -71,7 +71,7 @@ async def run_depth(
             break
         for used in await queue.wait_used(1, timeout=30):
             latencies.append(time.perf_counter() - started.pop(used.token))
-            if used.data[-1][-1] != 0:
+            if used.last_byte != 0:
                 raise RuntimeError("request failed")
             done += 1
     return done, time.perf_counter() - begin, latencies

@@ -84,6 +84,19 @@ class UsedBuffer(NamedTuple):
     #: Content of each writable buffer, trimmed to `written` bytes in total.
     data: list[bytes]
 
+    @property
+    def last_byte(self) -> int:
+        """The last writable byte, whatever the device reports written (a virtio-blk
+        request's status ends its buffers)."""
+        return self._whole[-1][-1]  # type: ignore[attr-defined, no-any-return]
+
+
+class _Used(UsedBuffer):
+    """A UsedBuffer that also keeps the whole writable buffers (it still compares as
+    the (token, written, data) tuple)."""
+
+    _whole: list[bytes]
+
 
 @dataclass(frozen=True, slots=True)
 class _Element:
@@ -213,15 +226,17 @@ class _DriverRing(ABC):
         writable = [e for e in in_flight.elements if e.writable]
         if written > sum(e.length for e in writable):
             raise DeviceProtocolError(f"device wrote {written} bytes, more than the buffers")
+        buffers = [self.mem.read(e.gpa, e.length) for e in writable]
         data = []
         left = written
-        for element in writable:
-            n = min(element.length, left)
-            data.append(self.mem.read(element.gpa, n))
-            left -= n
+        for content in buffers:
+            data.append(content[:left])
+            left -= len(data[-1])
         for gpa in in_flight.blocks:
             self.mem.free(gpa)
-        return UsedBuffer(in_flight.token, written, data)
+        used = _Used(in_flight.token, written, data)
+        used._whole = buffers
+        return used
 
     @abstractmethod
     def has_used(self) -> bool:
