@@ -42,11 +42,11 @@ from vdev.vring import Vring
 
 log = logging.getLogger(__name__)
 
-#: Protocol features every vdev device offers; devices add their own (RARP, ...).
+#: Protocol features every vdev device offers; devices add their own (RARP, ...), and
+#: CONFIG when the front-end reads their config space (`Device.config_space`).
 BASE_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
@@ -54,6 +54,12 @@ BASE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 509
 #: How long a new connection waits for the previous session to wind down.
 SESSION_END_GRACE = 1.0
+
+
+def protocol_features(device: Device) -> int:
+    """The vhost-user protocol features offered for `device`."""
+    config = ProtocolFeature.CONFIG if device.config_space else 0
+    return BASE_PROTOCOL_FEATURES | config | device.protocol_features
 
 
 class ServerError(Exception):
@@ -72,7 +78,7 @@ class Session:
         self.status = 0
         self.conn = BackendConnection(
             features=device.features() | TRANSPORT_FEATURES | F_PROTOCOL_FEATURES,
-            protocol_features=BASE_PROTOCOL_FEATURES | device.protocol_features,
+            protocol_features=protocol_features(device),
             num_queues=device.num_queues,
             max_queue_size=device.max_queue_size,
             max_mem_slots=MAX_MEM_SLOTS,
