@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import resource
 import shlex
 import signal
 import sys
@@ -307,8 +308,22 @@ def _specs_from_args(args: argparse.Namespace) -> list[DeviceSpec]:
     return [DeviceSpec(args.type, args.socket, args.backend, options, args.client, domain)]
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: each guest memory region costs fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.debug("open file limit raised from %d to %d", soft, hard)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     specs = _specs_from_args(args)
+    _raise_fd_limit()
     devices = []
     try:
         for spec in specs:

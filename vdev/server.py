@@ -54,6 +54,9 @@ BASE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 509
 #: How long a new connection waits for the previous session to wind down.
 SESSION_END_GRACE = 1.0
+#: accept() errors that pass once sessions release fds or memory; retried after a delay.
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY = 0.1
 
 
 def protocol_features(device: Device) -> int:
@@ -200,6 +203,11 @@ class Session:
             if self._known_region(msg.payload):
                 log.debug("%s: region %#x added again; ignored", self.name, r.guest_phys_addr)
                 return
+            if len(self.memory.regions) >= MAX_MEM_SLOTS:
+                raise DeviceError(
+                    f"region {r.guest_phys_addr:#x} refused: all {MAX_MEM_SLOTS} memory slots "
+                    "(GET_MAX_MEM_SLOTS) are in use"
+                )
             self.memory.add_region(
                 r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, msg.fds[0]
             )
@@ -342,7 +350,7 @@ class DeviceServer:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     while True:
-                        sock, _ = await listener.accept()
+                        sock = await self._accept(listener)
                         # A front-end that reconnects may beat the old session's cleanup.
                         with trio.move_on_after(SESSION_END_GRACE):
                             await idle.wait()
@@ -355,15 +363,35 @@ class DeviceServer:
         finally:
             self._unlink()
 
+    async def _accept(self, listener: trio.socket.SocketType) -> trio.socket.SocketType:
+        """The next connection; running out of fds or memory is waited out, logged once."""
+        failing = False
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    raise
+                if not failing:
+                    log.error("%s: cannot accept a front-end: %s; retrying", self.path, exc)
+                    failing = True
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if failing:
+                log.info("%s: accepting front-ends again", self.path)
+            return sock
+
     async def _serve_as_client(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         delay = 0.05
         while True:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock: trio.socket.SocketType | None = None
             try:
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 await sock.connect(str(self.path))
             except OSError as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 if not started:
                     task_status.started()
                     started = True

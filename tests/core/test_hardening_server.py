@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 from vdev_backends.blk_ram import RamBackend
 from vdev_backends.net_echo import EchoBackend
 
-from vdev.devices.base import Device
+from vdev.devices.base import Device, Queue
 from vdev.devices.blk import BlkDevice
 from vdev.devices.net import NetDevice
-from vdev.protocol import ProtocolFeature, Request
+from vdev.protocol import MemoryRegion, MemoryRegionUpdate, ProtocolFeature, Request
+from vdev.server import MAX_MEM_SLOTS
+from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, serve_device
+
+
+class EchoDevice(Device):
+    """A raw device: copies each chain's readable bytes into its writable buffers."""
+
+    device_id = 0x7F
+
+    def __init__(self, num_queues: int = 2) -> None:
+        super().__init__(num_queues=num_queues)
+
+    def handle(self, queue: Queue) -> None:
+        while (chain := queue.pop()) is not None:
+            queue.push(chain, chain.write_into(b"".join(bytes(v) for v in chain.readable)))
+        queue.notify()
+
+
+async def echo_works(fe: Frontend, index: int = 0) -> None:
+    used = await (await fe.setup_queue(index)).transact([b"ping"], [4])
+    assert used.data == [b"ping"]
 
 
 @pytest.mark.parametrize(
@@ -29,3 +61,103 @@ async def test_config_protocol_feature_per_device_type(
     assert msg is not None and isinstance(msg.payload, int)
     assert bool(msg.payload & ProtocolFeature.CONFIG) == config
     assert msg.payload & ProtocolFeature.REPLY_ACK
+
+
+# --- item 2: memory slots and fd exhaustion ---------------------------------------------
+
+
+async def test_mem_slot_limit_then_another_device_accepts(tmp_path: Path) -> None:
+    async with (
+        serve_device(EchoDevice(), tmp_path / "a.sock") as path_a,
+        serve_device(EchoDevice(), tmp_path / "b.sock") as path_b,
+        Frontend.connect(path_a) as fe,
+    ):
+        await fe.negotiate()
+        msg = await fe.send(Request.GET_MAX_MEM_SLOTS)
+        assert msg is not None and msg.payload == MAX_MEM_SLOTS == 509
+        fd = os.memfd_create("vdev-slot", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        try:
+            acks = []
+            for i in range(600):
+                region = MemoryRegion((1 << 40) + (i << 12), 4096, (1 << 45) + (i << 12), 0)
+                update = MemoryRegionUpdate(region)
+                msg = await fe.send(Request.ADD_MEM_REG, update, [fd], need_reply=True)
+                assert msg is not None
+                acks.append(msg.payload)
+        finally:
+            os.close(fd)
+        free = MAX_MEM_SLOTS - len(fe.memory.regions)
+        assert acks == [0] * free + [1] * (600 - free)
+        await echo_works(fe)  # the session lives on
+        async with Frontend.connect(path_b) as fe_b:
+            await fe_b.negotiate()
+            await echo_works(fe_b)
+
+
+@contextmanager
+def fds_exhausted() -> Iterator[None]:
+    """Lower the soft fd limit and open fds until none is left; undo on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))), hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_accept_waits_out_fd_exhaustion(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vdev.server")
+    async with serve_device(EchoDevice(), tmp_path / "d.sock") as path:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        memory = FakeGuestMemory(1 << 20, memfd=True, user_offset=1 << 45)
+        with sock, memory:
+            with fds_exhausted():
+                await sock.connect(str(path))
+                await trio.sleep(0.35)  # accept() fails with EMFILE, a few times
+            fe = Frontend(sock, memory)
+            await fe.negotiate()
+            await echo_works(fe)
+            fe.close()
+    failures = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
+    assert any("accepting front-ends again" in r.getMessage() for r in caplog.records)
+
+
+def _lower_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+async def test_run_raises_the_fd_limit(tmp_path: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard <= 256:
+        pytest.skip(f"the hard open file limit ({hard}) leaves nothing to raise")
+    sock = tmp_path / "disk.sock"
+    argv = ["run", "blk", "--socket", str(sock), "--backend", "ram", "--size", "1M"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vdev.cli", *argv],
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_lower_fd_limit,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            await trio.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+        [line] = [line for line in limits if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(hard), str(hard)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
