@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
@@ -170,21 +170,19 @@ class Session:
 
     async def _on_set_mem_table(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryTable)
-        running = await self._pause()
         try:
-            self.memory.clear()
-            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
-                self.memory.add_region(
-                    region.guest_phys_addr,
-                    region.memory_size,
-                    region.userspace_addr,
-                    region.mmap_offset,
-                    fd,
-                )
+            async with self._changing_memory():
+                self.memory.clear()
+                for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                    self.memory.add_region(
+                        region.guest_phys_addr,
+                        region.memory_size,
+                        region.userspace_addr,
+                        region.mmap_offset,
+                        fd,
+                    )
         finally:
             _close_all(msg.fds)
-        self.device.memory_changed(self.memory)
-        await self._resume(running)
 
     def _known_region(self, update: MemoryRegionUpdate) -> bool:
         """Whether exactly this region is mapped already.
@@ -222,10 +220,8 @@ class Session:
         if not self._known_region(msg.payload):
             log.debug("%s: region %#x removed again; ignored", self.name, r.guest_phys_addr)
             return
-        running = await self._pause()
-        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
-        self.device.memory_changed(self.memory)
-        await self._resume(running)
+        async with self._changing_memory():
+            self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
 
     async def _on_set_vring_num(self, msg: Message) -> None:
         vring = self._vring(msg.payload)
@@ -299,16 +295,28 @@ class Session:
             assert self._workers is not None
             await vring.start(self._workers, self.device, self.memory, self.device.acked_features)
 
-    async def _pause(self) -> list[Vring]:
-        """Stop every running vring (memory is about to change); return them."""
+    @contextlib.asynccontextmanager
+    async def _changing_memory(self) -> AsyncIterator[None]:
+        """Stop the running vrings while guest memory changes, then restart them.
+
+        They restart even when the change failed half-way: a vring whose areas are no
+        longer mapped fails alone (its err eventfd is signalled), the others go on.
+        """
         running = [v for v in self.vrings if v.running]
         for vring in running:
             await vring.stop()
-        return running
-
-    async def _resume(self, vrings: list[Vring]) -> None:
-        for vring in vrings:
-            await self._start(vring)
+        try:
+            yield
+        finally:
+            self.device.memory_changed(self.memory)
+            assert self._workers is not None
+            for vring in running:
+                try:
+                    await vring.start(
+                        self._workers, self.device, self.memory, self.device.acked_features
+                    )
+                except VirtioError as exc:
+                    vring.fail(f"cannot restart after a memory change: {exc}")
 
     async def _stop_all(self) -> None:
         for vring in self.vrings:

@@ -135,7 +135,7 @@ class Vring:
                 task_status.started()
                 await device.run_queue(self)
         except VirtioError as exc:
-            self._fail(exc)
+            self.fail(str(exc))
         except Exception:
             log.exception("queue %d: device worker crashed; queue stopped", self.index)
             self._signal(self.err_fd)
@@ -152,7 +152,7 @@ class Vring:
         try:
             return ring.pop()
         except VirtioError as exc:  # DescriptorError included
-            self._fail(exc)
+            self.fail(str(exc))
             return None
 
     def push(self, chain: DescriptorChain, written: int) -> None:
@@ -209,8 +209,9 @@ class Vring:
             await trio.lowlevel.checkpoint()
         return False
 
-    def _fail(self, exc: Exception) -> None:
-        log.error("queue %d: %s; queue stopped until the device is reset", self.index, exc)
+    def fail(self, message: str) -> None:
+        """Report that this queue stopped for good (until reset), on its err eventfd too."""
+        log.error("queue %d: %s; queue stopped until the device is reset", self.index, message)
         self._signal(self.err_fd)
 
     @staticmethod

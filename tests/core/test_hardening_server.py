@@ -22,10 +22,17 @@ from vdev_backends.net_echo import EchoBackend
 from vdev.devices.base import Device, Queue
 from vdev.devices.blk import BlkDevice
 from vdev.devices.net import NetDevice
-from vdev.protocol import MemoryRegion, MemoryRegionUpdate, ProtocolFeature, Request
+from vdev.protocol import (
+    MemoryRegion,
+    MemoryRegionUpdate,
+    MemoryTable,
+    ProtocolFeature,
+    Request,
+    VringFile,
+)
 from vdev.server import MAX_MEM_SLOTS
 from vdev.testing.fakemem import FakeGuestMemory
-from vdev.testing.frontend import Frontend, serve_device
+from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
 
 
 class EchoDevice(Device):
@@ -161,3 +168,62 @@ async def test_run_raises_the_fd_limit(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- item 8: a ring that cannot restart fails alone --------------------------------------
+
+
+async def _rings_in_two_regions(fe: Frontend) -> tuple[FrontendQueue, int]:
+    """Queue 0 in region 0, queue 1 in region 1; return queue 1 and queue 0's err eventfd."""
+    await fe.negotiate()
+    q0 = await fe.setup_queue(0)
+    for _ in range(2):  # the second one and what follows land in region 1
+        fe.memory.alloc(fe.memory.region_size // 2)
+    q1 = await fe.setup_queue(1)
+    err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    await fe.send(Request.SET_VRING_ERR, VringFile(0, True), [err_fd], need_reply=True)
+    for q in (q0, q1):
+        assert (await q.transact([b"before"], [6])).data == [b"before"]
+    return q1, err_fd
+
+
+def _region(fe: Frontend, index: int, mmap_offset: int | None = None) -> MemoryRegion:
+    r = fe.memory.regions[index]
+    offset = r.mmap_offset if mmap_offset is None else mmap_offset
+    return MemoryRegion(r.guest_phys_addr, r.size, r.user_addr, offset)
+
+
+async def _only_queue_0_failed(q1: FrontendQueue, err_fd: int, caplog) -> None:
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(err_fd)
+    assert os.eventfd_read(err_fd) == 1
+    os.close(err_fd)
+    assert (await q1.transact([b"after"], [5], timeout=5)).data == [b"after"]
+    failed = [r.getMessage() for r in caplog.records if "cannot restart" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith("queue 0: "), failed
+
+
+async def test_rem_mem_reg_fails_only_the_rings_in_that_region(tmp_path: Path, caplog) -> None:
+    async with (
+        serve_device(EchoDevice(), tmp_path / "d.sock") as path,
+        Frontend.connect(path) as fe,
+    ):
+        q1, err_fd = await _rings_in_two_regions(fe)
+        update = MemoryRegionUpdate(_region(fe, 0))
+        msg = await fe.send(Request.REM_MEM_REG, update, need_reply=True)
+        assert msg is not None and msg.payload == 0
+        await _only_queue_0_failed(q1, err_fd, caplog)
+
+
+async def test_failed_set_mem_table_fails_only_the_unmapped_rings(tmp_path: Path, caplog) -> None:
+    async with (
+        serve_device(EchoDevice(), tmp_path / "d.sock") as path,
+        Frontend.connect(path) as fe,
+    ):
+        q1, err_fd = await _rings_in_two_regions(fe)
+        # Region 1 maps; region 0 lies beyond the end of its memfd and does not.
+        table = MemoryTable((_region(fe, 1), _region(fe, 0, mmap_offset=1 << 30)))
+        fds = [fe.memory.regions[1].fd, fe.memory.regions[0].fd]
+        msg = await fe.send(Request.SET_MEM_TABLE, table, fds, need_reply=True)
+        assert msg is not None and msg.payload == 1
+        await _only_queue_0_failed(q1, err_fd, caplog)
