@@ -112,7 +112,9 @@ def _build_parser() -> Parser:
         "QEMU (or any vhost-user front-end) from Python backends.",
     )
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debug logging (-vv: libraries too)"
+    )
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -453,11 +455,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Loggers that -v turns to DEBUG; -vv does it for every library too (pyroute2 floods).
+_OWN_LOGGERS = ("vdev", "vdev_backends")
+
+
 def _setup_logging(verbosity: int) -> None:
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO, 1: logging.INFO}.get(
         max(verbosity, -2), logging.DEBUG
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

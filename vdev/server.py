@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -57,6 +58,9 @@ SESSION_END_GRACE = 1.0
 #: accept() errors that pass once sessions release fds or memory; retried after a delay.
 _TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY_DELAY = 0.1
+#: At most ERROR_BURST error lines per ERROR_WINDOW seconds from one device's sessions.
+ERROR_BURST = 10
+ERROR_WINDOW = 1.0
 
 
 def protocol_features(device: Device) -> int:
@@ -69,13 +73,50 @@ class ServerError(Exception):
     """The server cannot start (socket path in use, not a socket, ...)."""
 
 
+class ErrorLog:
+    """The error lines of one device's sessions, at most `burst` per `window` seconds.
+
+    A hostile front-end, in one session or reconnecting, cannot flood the log: lines
+    beyond the burst are counted, and the count is logged with the next error after
+    the window, or at `flush`.
+    """
+
+    def __init__(self, name: str, burst: int = ERROR_BURST, window: float = ERROR_WINDOW) -> None:
+        self.name = name
+        self.burst = burst
+        self.window = window
+        self._window_start = -window
+        self._logged = 0
+        self._suppressed = 0
+
+    def error(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.window:
+            self.flush()
+            self._window_start, self._logged = now, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            log.error(msg, *args)
+        else:
+            self._suppressed += 1
+
+    def flush(self) -> None:
+        """Log how many lines were suppressed, if any."""
+        if self._suppressed:
+            log.error("%s: suppressed %d error messages", self.name, self._suppressed)
+            self._suppressed = 0
+
+
 class Session:
     """One front-end connection to one device."""
 
-    def __init__(self, device: Device, sock: trio.socket.SocketType, name: str) -> None:
+    def __init__(
+        self, device: Device, sock: trio.socket.SocketType, name: str, errors: ErrorLog
+    ) -> None:
         self.device = device
         self.sock = sock
         self.name = name
+        self.errors = errors
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.status = 0
@@ -115,12 +156,18 @@ class Session:
             if not data or truncated:
                 _close_all(fds)
                 if data:
-                    log.error("%s: front-end sent more fds than a message may carry", self.name)
+                    self.errors.error(
+                        "%s: front-end sent more fds than a message may carry", self.name
+                    )
                 else:
                     log.info("%s: front-end disconnected", self.name)
                 return
             self.conn.receive_data(data, fds)
-            if not await self._process_events():
+            try:
+                if not await self._process_events():
+                    return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                log.info("%s: front-end disconnected before reading a reply: %s", self.name, exc)
                 return
 
     async def _process_events(self) -> bool:
@@ -129,7 +176,7 @@ class Session:
             try:
                 msg = self.conn.next_event()
             except RemoteProtocolError as exc:
-                log.error("%s: front-end protocol error: %s", self.name, exc)
+                self.errors.error("%s: front-end protocol error: %s", self.name, exc)
                 await self._send()
                 if exc.fatal:
                     return False
@@ -140,7 +187,7 @@ class Session:
             try:
                 result = await self._handle(msg)
             except (DeviceError, VirtioError, ProtocolError, OSError, ValueError) as exc:
-                log.error("%s: %s failed: %s", self.name, msg.request.name, exc)
+                self.errors.error("%s: %s failed: %s", self.name, msg.request.name, exc)
                 if not self.conn.fail(msg, str(exc)):
                     return False
             else:
@@ -340,13 +387,17 @@ class DeviceServer:
         self.client = client
         self.mode = mode
         self.sessions = 0
+        self.errors = ErrorLog(str(self.path))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve front-ends forever (until cancelled)."""
-        if self.client:
-            await self._serve_as_client(task_status)
-        else:
-            await self._serve_as_listener(task_status)
+        try:
+            if self.client:
+                await self._serve_as_client(task_status)
+            else:
+                await self._serve_as_listener(task_status)
+        finally:
+            self.errors.flush()
 
     async def _serve_as_listener(self, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._bind()
@@ -420,7 +471,7 @@ class DeviceServer:
         self.sessions += 1
         with sock:
             try:
-                await Session(self.device, sock, str(self.path)).run()
+                await Session(self.device, sock, str(self.path), self.errors).run()
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)

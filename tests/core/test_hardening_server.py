@@ -29,8 +29,9 @@ from vdev.protocol import (
     ProtocolFeature,
     Request,
     VringFile,
+    VringState,
 )
-from vdev.server import MAX_MEM_SLOTS
+from vdev.server import ERROR_BURST, MAX_MEM_SLOTS, DeviceServer, ErrorLog
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
 
@@ -227,3 +228,62 @@ async def test_failed_set_mem_table_fails_only_the_unmapped_rings(tmp_path: Path
         msg = await fe.send(Request.SET_MEM_TABLE, table, fds, need_reply=True)
         assert msg is not None and msg.payload == 1
         await _only_queue_0_failed(q1, err_fd, caplog)
+
+
+# --- smaller items: logging -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "library"), [(["-v"], False), (["-vv"], True)])
+def test_verbose_is_debug_for_vdev_and_twice_for_libraries(flags: list[str], library: bool) -> None:
+    code = (
+        "import logging, sys\n"
+        "from vdev.cli import main\n"
+        "main([*sys.argv[1:], 'backends'])\n"
+        "for name in ('vdev.server', 'vdev_backends.net_tap', 'pyroute2.ndb'):\n"
+        "    logging.getLogger(name).debug('debug from %s', name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "debug from vdev.server" in result.stderr
+    assert "debug from vdev_backends.net_tap" in result.stderr
+    assert ("debug from pyroute2.ndb" in result.stderr) == library
+
+
+async def test_hang_up_before_the_ack_is_an_ordinary_disconnect(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vdev.server")
+    async with serve_device(EchoDevice(), tmp_path / "d.sock") as path:
+        async with Frontend.connect(path) as fe:
+            await fe.negotiate()
+            # Ask for an ack and hang up at once (no checkpoint between): the device's
+            # reply meets a closed socket.
+            os.write(fe.sock.fileno(), fe.conn.send(Request.SET_OWNER, need_reply=True))
+            fe.sock.close()
+            with trio.fail_after(5):
+                while not any("disconnected" in r.getMessage() for r in caplog.records):
+                    await trio.sleep(0.01)
+        async with Frontend.connect(path) as fe:  # the device serves the next one
+            await fe.negotiate()
+            await echo_works(fe)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    [line] = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert "before reading a reply" in line
+
+
+async def test_errors_of_a_hostile_session_are_rate_limited(tmp_path: Path, caplog) -> None:
+    server = DeviceServer(EchoDevice(), tmp_path / "d.sock")
+    server.errors = ErrorLog(str(server.path), window=60.0)  # no new window on a slow machine
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        async with Frontend.connect(server.path) as fe:
+            await fe.negotiate()
+            for _ in range(100):  # ring 9 does not exist: a failure ack each time
+                msg = await fe.send(Request.SET_VRING_BASE, VringState(9, 0), need_reply=True)
+                assert msg is not None and msg.payload == 1
+            await echo_works(fe)
+        nursery.cancel_scope.cancel()  # the server stops: the count is logged
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == ERROR_BURST + 1
+    assert all("ring index 9 out of range" in line for line in errors[:ERROR_BURST])
+    assert errors[-1].endswith(f"suppressed {100 - ERROR_BURST} error messages")
