@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import resource
@@ -18,9 +19,10 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
+from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
-from vdev.qemu import ACCELS, QemuError, render_args
+from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
 from vdev.trioutil import unwrap_single
 from vdev.units import parse_size
@@ -189,15 +191,22 @@ def _build_parser() -> Parser:
     qemu = sub.add_parser(
         "qemu-args",
         help="print the QEMU options that attach a vdev device",
-        description="Print the QEMU options that give a guest shared memory and attach a "
-        "vdev device on SOCKET (templates from qemu-configs/). Paste them into your QEMU "
-        "command line, e.g. qemu-system-x86_64 -m 1G $(vdev qemu-args blk --socket S --mem 1G).",
+        description="Print the QEMU options that give a guest shared memory (-m and its "
+        "memory backend) and attach a vdev device on SOCKET (templates from qemu-configs/). "
+        "Paste them into your QEMU command line, e.g. "
+        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ...",
     )
     qemu.add_argument("type", choices=("blk", "net"), help="device type")
     qemu.add_argument("--socket", type=Path, required=True, help="vhost-user socket path")
     qemu.add_argument("--queues", type=_positive_int, default=1, help="queues / queue pairs")
-    qemu.add_argument("--mem", default="1G", help="guest memory size, equal to QEMU -m")
+    qemu.add_argument("--mem", default="1G", help="guest memory size (-m), default 1G")
     qemu.add_argument("--id", default=None, help="QEMU device id (default vdev-TYPE0)")
+    qemu.add_argument(
+        "--mac",
+        type=_mac,
+        help="net: the guest's MAC (default: derived from the socket path); "
+        "give `vdev run net` the same --mac",
+    )
     qemu.set_defaults(func=_cmd_qemu_args)
 
     demo = sub.add_parser(
@@ -360,13 +369,34 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mac(text: str) -> str:
+    try:
+        return format_mac(parse_mac(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def default_mac(socket: Path) -> str:
+    """A stable, locally administered MAC for the NIC on `socket` (QEMU's prefix 52:54:00)."""
+    return format_mac(b"\x52\x54\x00" + hashlib.sha256(bytes(socket)).digest()[:3])
+
+
 def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    try:
+        mib = mem_mib(args.mem)
+    except ValueError as exc:
+        raise ConfigError(f"--mem: {exc} (a whole number of MiB)") from None
+    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+    socket = args.socket.resolve()
     device_id = args.id or f"vdev-{args.type}0"
-    params: dict[str, Any] = {"socket": args.socket.resolve(), "id": device_id}
-    params["queues"] = args.queues
+    params: dict[str, Any] = {"socket": socket, "id": device_id, "queues": args.queues}
     if args.type == "net":
         params["mq"] = args.queues > 1
-    argv = render_args("memory", mem_size=args.mem) + render_args(f"vdev-{args.type}", **params)
+    argv = ["-m", mem, *render_args("memory", mem_size=mem)]
+    argv += render_args(f"vdev-{args.type}", **params)
+    if args.type == "net":
+        nic = next(i for i, arg in enumerate(argv) if arg.startswith("virtio-net-pci,"))
+        argv[nic] += f",mac={args.mac or default_mac(socket)}"
     print(shlex.join(argv))
     return 0
 

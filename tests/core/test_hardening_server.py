@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -287,3 +290,75 @@ async def test_errors_of_a_hostile_session_are_rate_limited(tmp_path: Path, capl
     assert len(errors) == ERROR_BURST + 1
     assert all("ring index 9 out of range" in line for line in errors[:ERROR_BURST])
     assert errors[-1].endswith(f"suppressed {100 - ERROR_BURST} error messages")
+
+
+# --- item 15: qemu-args -------------------------------------------------------------------
+
+
+def qemu_args(*args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "vdev.cli", "qemu-args", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout)
+
+
+def _option(argv: list[str], name: str, prefix: str) -> str:
+    """The value of the `name` argument that starts with `prefix`."""
+    [value] = [v for o, v in pairwise(argv) if o == name and v.startswith(prefix)]
+    return value
+
+
+@pytest.mark.parametrize(("mem", "size"), [(None, "1G"), ("512M", "512M"), ("1536m", "1536M")])
+def test_qemu_args_prints_m_equal_to_the_backend_size(mem: str | None, size: str) -> None:
+    argv = qemu_args("blk", "--socket", "/tmp/d.sock", *(["--mem", mem] if mem else []))
+    backend = _option(argv, "-object", "memory-backend-memfd,")
+    assert argv[:2] == ["-m", size]
+    assert f",size={size}," in backend
+
+
+def test_qemu_args_gives_nics_a_mac() -> None:
+    nic = _option(qemu_args("net", "--socket", "/tmp/n.sock"), "-device", "virtio-net-pci,")
+    mac = nic.split(",mac=")[1]
+    assert mac.startswith("52:54:00:") and mac != "52:54:00:12:34:56"  # not QEMU's default
+    assert qemu_args("net", "--socket", "/tmp/n.sock")[-1] == nic  # stable
+    assert _option(qemu_args("net", "--socket", "/tmp/other.sock"), "-device", "v") != nic
+    given = qemu_args("net", "--socket", "/tmp/n.sock", "--mac", "02:00:00:00:00:AA")
+    assert _option(given, "-device", "virtio-net-pci,").endswith(",mac=02:00:00:00:00:aa")
+
+
+@pytest.mark.parametrize("args", [["--mem", "1000K"], ["--mem", "lots"], ["--mac", "zz"]])
+def test_qemu_args_bad_option_is_one_line(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vdev.cli", "qemu-args", "net", "--socket", "s", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert args[0] in line
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
+async def test_qemu_starts_with_qemu_args_as_printed(tmp_path: Path) -> None:
+    server = DeviceServer(BlkDevice(RamBackend(1 << 20)), tmp_path / "disk.sock")
+    argv = qemu_args("blk", "--socket", str(server.path), "--mem", "512M")
+    qemu = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-accel", "tcg"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        process = await trio.lowlevel.open_process([*qemu, *argv], stderr=subprocess.PIPE)
+        try:
+            with trio.fail_after(30):
+                while not server.sessions:
+                    assert process.poll() is None
+                    await trio.sleep(0.05)
+            await trio.sleep(1)  # QEMU checks the memory size, realizes the device...
+            assert process.poll() is None, "QEMU exited"
+        finally:
+            process.kill()
+            await process.wait()
+        nursery.cancel_scope.cancel()
