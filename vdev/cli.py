@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
+import resource
 import shlex
 import signal
 import sys
@@ -17,9 +19,10 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
+from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
-from vdev.qemu import ACCELS, QemuError, render_args
+from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
 from vdev.trioutil import unwrap_single
 from vdev.units import parse_size
@@ -111,7 +114,9 @@ def _build_parser() -> Parser:
         "QEMU (or any vhost-user front-end) from Python backends.",
     )
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debug logging (-vv: libraries too)"
+    )
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -186,15 +191,22 @@ def _build_parser() -> Parser:
     qemu = sub.add_parser(
         "qemu-args",
         help="print the QEMU options that attach a vdev device",
-        description="Print the QEMU options that give a guest shared memory and attach a "
-        "vdev device on SOCKET (templates from qemu-configs/). Paste them into your QEMU "
-        "command line, e.g. qemu-system-x86_64 -m 1G $(vdev qemu-args blk --socket S --mem 1G).",
+        description="Print the QEMU options that give a guest shared memory (-m and its "
+        "memory backend) and attach a vdev device on SOCKET (templates from qemu-configs/). "
+        "Paste them into your QEMU command line, e.g. "
+        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ...",
     )
     qemu.add_argument("type", choices=("blk", "net"), help="device type")
     qemu.add_argument("--socket", type=Path, required=True, help="vhost-user socket path")
     qemu.add_argument("--queues", type=_positive_int, default=1, help="queues / queue pairs")
-    qemu.add_argument("--mem", default="1G", help="guest memory size, equal to QEMU -m")
+    qemu.add_argument("--mem", default="1G", help="guest memory size (-m), default 1G")
     qemu.add_argument("--id", default=None, help="QEMU device id (default vdev-TYPE0)")
+    qemu.add_argument(
+        "--mac",
+        type=_mac,
+        help="net: the guest's MAC (default: derived from the socket path); "
+        "give `vdev run net` the same --mac",
+    )
     qemu.set_defaults(func=_cmd_qemu_args)
 
     demo = sub.add_parser(
@@ -307,8 +319,22 @@ def _specs_from_args(args: argparse.Namespace) -> list[DeviceSpec]:
     return [DeviceSpec(args.type, args.socket, args.backend, options, args.client, domain)]
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: each guest memory region costs fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+        return
+    log.debug("open file limit raised from %d to %d", soft, hard)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     specs = _specs_from_args(args)
+    _raise_fd_limit()
     devices = []
     try:
         for spec in specs:
@@ -343,13 +369,34 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mac(text: str) -> str:
+    try:
+        return format_mac(parse_mac(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def default_mac(socket: Path) -> str:
+    """A stable, locally administered MAC for the NIC on `socket` (QEMU's prefix 52:54:00)."""
+    return format_mac(b"\x52\x54\x00" + hashlib.sha256(bytes(socket)).digest()[:3])
+
+
 def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    try:
+        mib = mem_mib(args.mem)
+    except ValueError as exc:
+        raise ConfigError(f"--mem: {exc} (a whole number of MiB)") from None
+    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+    socket = args.socket.resolve()
     device_id = args.id or f"vdev-{args.type}0"
-    params: dict[str, Any] = {"socket": args.socket.resolve(), "id": device_id}
-    params["queues"] = args.queues
+    params: dict[str, Any] = {"socket": socket, "id": device_id, "queues": args.queues}
     if args.type == "net":
         params["mq"] = args.queues > 1
-    argv = render_args("memory", mem_size=args.mem) + render_args(f"vdev-{args.type}", **params)
+    argv = ["-m", mem, *render_args("memory", mem_size=mem)]
+    argv += render_args(f"vdev-{args.type}", **params)
+    if args.type == "net":
+        nic = next(i for i, arg in enumerate(argv) if arg.startswith("virtio-net-pci,"))
+        argv[nic] += f",mac={args.mac or default_mac(socket)}"
     print(shlex.join(argv))
     return 0
 
@@ -438,11 +485,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Loggers that -v turns to DEBUG; -vv does it for every library too (pyroute2 floods).
+_OWN_LOGGERS = ("vdev", "vdev_backends")
+
+
 def _setup_logging(verbosity: int) -> None:
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO, 1: logging.INFO}.get(
         max(verbosity, -2), logging.DEBUG
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,8 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
@@ -43,11 +44,11 @@ from vdev.worker import QueueWorkers
 
 log = logging.getLogger(__name__)
 
-#: Protocol features every vdev device offers; devices add their own (RARP, ...).
+#: Protocol features every vdev device offers; devices add their own (RARP, ...), and
+#: CONFIG when the front-end reads their config space (`Device.config_space`).
 BASE_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
@@ -55,25 +56,74 @@ BASE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 509
 #: How long a new connection waits for the previous session to wind down.
 SESSION_END_GRACE = 1.0
+#: accept() errors that pass once sessions release fds or memory; retried after a delay.
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY_DELAY = 0.1
+#: At most ERROR_BURST error lines per ERROR_WINDOW seconds from one device's sessions.
+ERROR_BURST = 10
+ERROR_WINDOW = 1.0
+
+
+def protocol_features(device: Device) -> int:
+    """The vhost-user protocol features offered for `device`."""
+    config = ProtocolFeature.CONFIG if device.config_space else 0
+    return BASE_PROTOCOL_FEATURES | config | device.protocol_features
 
 
 class ServerError(Exception):
     """The server cannot start (socket path in use, not a socket, ...)."""
 
 
+class ErrorLog:
+    """The error lines of one device's sessions, at most `burst` per `window` seconds.
+
+    A hostile front-end, in one session or reconnecting, cannot flood the log: lines
+    beyond the burst are counted, and the count is logged with the next error after
+    the window, or at `flush`.
+    """
+
+    def __init__(self, name: str, burst: int = ERROR_BURST, window: float = ERROR_WINDOW) -> None:
+        self.name = name
+        self.burst = burst
+        self.window = window
+        self._window_start = -window
+        self._logged = 0
+        self._suppressed = 0
+
+    def error(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.window:
+            self.flush()
+            self._window_start, self._logged = now, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            log.error(msg, *args)
+        else:
+            self._suppressed += 1
+
+    def flush(self) -> None:
+        """Log how many lines were suppressed, if any."""
+        if self._suppressed:
+            log.error("%s: suppressed %d error messages", self.name, self._suppressed)
+            self._suppressed = 0
+
+
 class Session:
     """One front-end connection to one device."""
 
-    def __init__(self, device: Device, sock: trio.socket.SocketType, name: str) -> None:
+    def __init__(
+        self, device: Device, sock: trio.socket.SocketType, name: str, errors: ErrorLog
+    ) -> None:
         self.device = device
         self.sock = sock
         self.name = name
+        self.errors = errors
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.status = 0
         self.conn = BackendConnection(
             features=device.features() | TRANSPORT_FEATURES | F_PROTOCOL_FEATURES,
-            protocol_features=BASE_PROTOCOL_FEATURES | device.protocol_features,
+            protocol_features=protocol_features(device),
             num_queues=device.num_queues,
             max_queue_size=device.max_queue_size,
             max_mem_slots=MAX_MEM_SLOTS,
@@ -108,12 +158,18 @@ class Session:
             if not data or truncated:
                 _close_all(fds)
                 if data:
-                    log.error("%s: front-end sent more fds than a message may carry", self.name)
+                    self.errors.error(
+                        "%s: front-end sent more fds than a message may carry", self.name
+                    )
                 else:
                     log.info("%s: front-end disconnected", self.name)
                 return
             self.conn.receive_data(data, fds)
-            if not await self._process_events():
+            try:
+                if not await self._process_events():
+                    return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                log.info("%s: front-end disconnected before reading a reply: %s", self.name, exc)
                 return
 
     async def _process_events(self) -> bool:
@@ -122,7 +178,7 @@ class Session:
             try:
                 msg = self.conn.next_event()
             except RemoteProtocolError as exc:
-                log.error("%s: front-end protocol error: %s", self.name, exc)
+                self.errors.error("%s: front-end protocol error: %s", self.name, exc)
                 await self._send()
                 if exc.fatal:
                     return False
@@ -133,7 +189,7 @@ class Session:
             try:
                 result = await self._handle(msg)
             except (DeviceError, VirtioError, ProtocolError, OSError, ValueError) as exc:
-                log.error("%s: %s failed: %s", self.name, msg.request.name, exc)
+                self.errors.error("%s: %s failed: %s", self.name, msg.request.name, exc)
                 if not self.conn.fail(msg, str(exc)):
                     return False
             else:
@@ -163,21 +219,19 @@ class Session:
 
     async def _on_set_mem_table(self, msg: Message) -> None:
         assert isinstance(msg.payload, MemoryTable)
-        running = await self._pause()
         try:
-            self.memory.clear()
-            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
-                self.memory.add_region(
-                    region.guest_phys_addr,
-                    region.memory_size,
-                    region.userspace_addr,
-                    region.mmap_offset,
-                    fd,
-                )
+            async with self._changing_memory():
+                self.memory.clear()
+                for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                    self.memory.add_region(
+                        region.guest_phys_addr,
+                        region.memory_size,
+                        region.userspace_addr,
+                        region.mmap_offset,
+                        fd,
+                    )
         finally:
             _close_all(msg.fds)
-        await self._memory_changed()
-        await self._resume(running)
 
     def _known_region(self, update: MemoryRegionUpdate) -> bool:
         """Whether exactly this region is mapped already.
@@ -196,6 +250,11 @@ class Session:
             if self._known_region(msg.payload):
                 log.debug("%s: region %#x added again; ignored", self.name, r.guest_phys_addr)
                 return
+            if len(self.memory.regions) >= MAX_MEM_SLOTS:
+                raise DeviceError(
+                    f"region {r.guest_phys_addr:#x} refused: all {MAX_MEM_SLOTS} memory slots "
+                    "(GET_MAX_MEM_SLOTS) are in use"
+                )
             self.memory.add_region(
                 r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, msg.fds[0]
             )
@@ -210,10 +269,8 @@ class Session:
         if not self._known_region(msg.payload):
             log.debug("%s: region %#x removed again; ignored", self.name, r.guest_phys_addr)
             return
-        running = await self._pause()
-        self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
-        await self._memory_changed()
-        await self._resume(running)
+        async with self._changing_memory():
+            self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
 
     async def _on_set_vring_num(self, msg: Message) -> None:
         vring = self._vring(msg.payload)
@@ -292,16 +349,26 @@ class Session:
         other devices must not wait for that round trip."""
         await trio.to_thread.run_sync(self.device.memory_changed, self.memory)
 
-    async def _pause(self) -> list[Vring]:
-        """Stop every running vring (memory is about to change); return them."""
+    @contextlib.asynccontextmanager
+    async def _changing_memory(self) -> AsyncIterator[None]:
+        """Stop the running vrings while guest memory changes, then restart them.
+
+        They restart even when the change failed half-way: a vring whose areas are no
+        longer mapped fails alone (its err eventfd is signalled), the others go on.
+        """
         running = [v for v in self.vrings if v.running]
         for vring in running:
             await vring.stop()
-        return running
-
-    async def _resume(self, vrings: list[Vring]) -> None:
-        for vring in vrings:
-            await self._start(vring)
+        try:
+            yield
+        finally:
+            await self._memory_changed()
+            assert self._workers is not None
+            for vring in running:
+                try:
+                    await vring.start(self._workers, self.memory, self.device.acked_features)
+                except VirtioError as exc:
+                    vring.fail(f"cannot restart after a memory change: {exc}")
 
     async def _stop_all(self) -> None:
         for vring in self.vrings:
@@ -325,13 +392,17 @@ class DeviceServer:
         self.client = client
         self.mode = mode
         self.sessions = 0
+        self.errors = ErrorLog(str(self.path))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve front-ends forever (until cancelled)."""
-        if self.client:
-            await self._serve_as_client(task_status)
-        else:
-            await self._serve_as_listener(task_status)
+        try:
+            if self.client:
+                await self._serve_as_client(task_status)
+            else:
+                await self._serve_as_listener(task_status)
+        finally:
+            self.errors.flush()
 
     async def _serve_as_listener(self, task_status: trio.TaskStatus[None]) -> None:
         listener = await self._bind()
@@ -343,7 +414,7 @@ class DeviceServer:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     while True:
-                        sock, _ = await listener.accept()
+                        sock = await self._accept(listener)
                         # A front-end that reconnects may beat the old session's cleanup.
                         with trio.move_on_after(SESSION_END_GRACE):
                             await idle.wait()
@@ -356,15 +427,35 @@ class DeviceServer:
         finally:
             self._unlink()
 
+    async def _accept(self, listener: trio.socket.SocketType) -> trio.socket.SocketType:
+        """The next connection; running out of fds or memory is waited out, logged once."""
+        failing = False
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    raise
+                if not failing:
+                    log.error("%s: cannot accept a front-end: %s; retrying", self.path, exc)
+                    failing = True
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            if failing:
+                log.info("%s: accepting front-ends again", self.path)
+            return sock
+
     async def _serve_as_client(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         delay = 0.05
         while True:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock: trio.socket.SocketType | None = None
             try:
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 await sock.connect(str(self.path))
             except OSError as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 if not started:
                     task_status.started()
                     started = True
@@ -385,7 +476,7 @@ class DeviceServer:
         self.sessions += 1
         with sock:
             try:
-                await Session(self.device, sock, str(self.path)).run()
+                await Session(self.device, sock, str(self.path), self.errors).run()
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)

@@ -47,7 +47,7 @@ async def test_echo_over_vhost_user(tmp_path: Path, packed: bool) -> None:
         features = await fe.negotiate(packed=packed)
         assert features & NetFeature.MRG_RXBUF and features & NetFeature.MTU
         assert bool(features & VirtioFeature.RING_PACKED) == packed
-        config = await fe.get_config(0, NET_CONFIG.size)
+        config = device.config()[: NET_CONFIG.size]
         assert NET_CONFIG.unpack(config) == (MAC_A, 1, 1, 1500)
         rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
         got = await echo_round(rx, tx, frames)
@@ -63,7 +63,7 @@ async def test_rarp_and_mtu_messages(tmp_path: Path) -> None:
         assert fe.protocol_features & ProtocolFeature.NET_MTU
         await fe.send(Request.SEND_RARP, MAC_B, need_reply=True)
         await fe.send(Request.NET_SET_MTU, 4000, need_reply=True)
-        config = await fe.get_config(0, NET_CONFIG.size)
+        config = device.config()[: NET_CONFIG.size]
     assert backend.sent == [rarp_announce(MAC_B)]
     assert NET_CONFIG.unpack(config)[3] == 4000
 

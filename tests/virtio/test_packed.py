@@ -79,7 +79,10 @@ HOSTILE = {
     "indirect-after-direct": (_indirect_after_direct, "must be alone"),
     "indirect-zero-length": (_indirect_table(0), "length 0 is not"),
     "indirect-length-not-multiple-of-16": (_indirect_table(24), "length 24 is not"),
-    "indirect-larger-than-limit": (_indirect_table(16 * (MIN_INDIRECT_LIMIT + 1)), "exceeds the limit"),
+    "indirect-larger-than-limit": (
+        _indirect_table(16 * (MIN_INDIRECT_LIMIT + 1)),
+        "exceeds the limit",
+    ),
     "nested-indirect": (_nested_indirect, "inside an indirect table"),
     "indirect-readable-after-writable": (
         _indirect_table(32, table((1 << 20, 4, 0, WRITE), (1 << 20, 4, 0, 0))),

@@ -137,7 +137,10 @@ HOSTILE = {
     "indirect-after-direct": (_indirect_after_direct, "must be alone"),
     "indirect-zero-length": (_indirect_table(0), "length 0 is not"),
     "indirect-length-not-multiple-of-16": (_indirect_table(17), "length 17 is not"),
-    "indirect-larger-than-limit": (_indirect_table(16 * (MIN_INDIRECT_LIMIT + 1)), "exceeds the limit"),
+    "indirect-larger-than-limit": (
+        _indirect_table(16 * (MIN_INDIRECT_LIMIT + 1)),
+        "exceeds the limit",
+    ),
     "indirect-table-outside-memory": (_indirect_table_outside_memory, "indirect table: .*mapped"),
     "nested-indirect": (_nested_indirect, "inside an indirect table"),
     "indirect-loop": (_indirect_loop, "longer than its table"),

@@ -61,6 +61,9 @@ class Device:
     device_id: ClassVar[int]
     #: Extra vhost-user protocol feature bits this device needs (e.g. RARP).
     protocol_features: ClassVar[int] = 0
+    #: Whether the front-end reads the config space over vhost-user (protocol feature
+    #: CONFIG): QEMU does for blk, not for net (it warns when CONFIG is offered).
+    config_space: ClassVar[bool] = True
 
     def __init__(self, *, num_queues: int = 1, max_queue_size: int = 1024) -> None:
         self.num_queues = num_queues

@@ -249,6 +249,7 @@ class NetDevice(Device):
 
     device_id: ClassVar[int] = 1
     protocol_features: ClassVar[int] = ProtocolFeature.RARP | ProtocolFeature.NET_MTU
+    config_space: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -94,6 +94,23 @@ def _check_region(region: MemoryRegion) -> None:
             raise ValueError(f"memory region {name} 0x{start:x} + size overflows 64 bits")
 
 
+def _check_ring_alignment(address: VringAddress, packed: bool) -> None:
+    """Refuse ring areas the spec does not allow (virtio 1.2 sections 2.7 and 2.8).
+
+    Split: descriptors 16, driver area (avail) 2, device area (used) 4 bytes; packed:
+    descriptors 16, both event areas 4. The user addresses are checked: they map to
+    guest addresses by a region's offset, which keeps page alignment.
+    """
+    areas = (
+        ("descriptor table", address.desc_user_addr, 16),
+        ("driver area", address.avail_user_addr, 4 if packed else 2),
+        ("device area", address.used_user_addr, 4),
+    )
+    for name, addr, align in areas:
+        if addr % align:
+            raise ValueError(f"{name} address 0x{addr:x} is not {align}-byte aligned")
+
+
 class BackendConnection:
     """The back-end (device) side of one vhost-user session.
 
@@ -368,10 +385,11 @@ class BackendConnection:
                     raise ValueError(f"enable value {num} is neither 0 nor 1")
             case Request.GET_VRING_BASE, VringState(index=index):
                 self._check_index(index)
-            case Request.SET_VRING_ADDR, VringAddress(index=index, flags=flags):
+            case Request.SET_VRING_ADDR, VringAddress(index=index, flags=flags) as address:
                 self._check_index(index)
                 if flags & ~VHOST_VRING_F_LOG:
                     raise ValueError(f"unknown ring address flags 0x{flags:x}")
+                _check_ring_alignment(address, packed)
             case _, VringFile(index=index):
                 self._check_index(index)
             case _, DeviceConfig(offset=offset, size=size, flags=flags):
