@@ -375,7 +375,7 @@ class Domain:
         confine.no_new_privs()
         if message.get("seccomp", True):
             if confine.seccomp_available():
-                confine.apply_seccomp()
+                confine.apply_seccomp(sockets=self.kind != Kind.BLK_BACKEND)
             else:
                 log.warning("seccomp filter not applied: libseccomp is not installed")
         self.memory = GuestMemory()
