@@ -34,6 +34,7 @@ from vdev.domain import control
 from vdev.domain.channel import Channel
 from vdev.domain.spec import DomainSpec
 from vdev.plugins import Kind
+from vdev.virtio.errors import GuestMemoryError
 from vdev.virtio.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ BACKOFF_MAX = 2.0
 
 class DomainError(Exception):
     """The driver domain cannot be started, or was given up."""
+
+
+class DomainMemoryError(DomainError, GuestMemoryError):
+    """The child cannot map the front-end's guest memory table (that session's fault)."""
 
 
 class _StartFailure(Exception):
@@ -179,7 +184,12 @@ class DomainHost:
 
     def memory_changed(self, memory: GuestMemory) -> None:
         """Send the guest memory table to the child (policy map), and keep it for the
-        next ones. Blocks until the child has mapped it."""
+        next ones; a table without regions unmaps all guest memory in the child.
+
+        Blocks until the child has mapped it. Raises `DomainMemoryError` if the child
+        cannot map it: the table is dropped, the child serves on without guest
+        memory.
+        """
         regions = [
             ([r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset], os.dup(r.fd))
             for r in memory.regions
@@ -187,14 +197,17 @@ class DomainHost:
         ]
         with self._lock:
             old, self._regions = self._regions, regions
+            control.close_fds([fd for _, fd in old])
             child = self._child
             if child is not None:
                 try:
-                    self._send_memory(child, "memory")
+                    self._send_memory(child)
+                except DomainMemoryError:
+                    self._drop_memory()
+                    raise
                 except control.ControlError as exc:
                     log.error("%s: memory update failed (%s); restarting it", self.label, exc)
                     child.kill()
-        control.close_fds([fd for _, fd in old])
 
     def set_state(self, key: str, value: object) -> None:
         """Remember something every future child must be told when it starts."""
@@ -226,8 +239,7 @@ class DomainHost:
         self._thread.join()
         if self._channel is not None:
             self._channel.close()
-        control.close_fds([fd for _, fd in self._regions])
-        self._regions = []
+        self._drop_memory()
         os.close(self._stop)
 
     # --- supervision (the thread) --------------------------------------------------------
@@ -316,7 +328,20 @@ class DomainHost:
                 except (OSError, ValueError) as exc:
                     raise _StartFailure(f"cannot make the channel: {exc}") from None
             with self._lock:
-                self._send_memory(child, "serve", aborts)
+                if self._regions:
+                    try:
+                        self._send_memory(child, aborts)
+                    except DomainMemoryError as exc:
+                        log.error("%s: %s; serving without it", self.label, exc)
+                        self._drop_memory()
+                serve = {
+                    "op": "serve",
+                    "state": self.state,
+                    "layout": [layout.to_wire() for layout in self.channel.layouts],
+                }
+                reply = self._request(child, serve, self.channel.fds(), aborts)
+                if reply["op"] != "ok":
+                    raise _StartFailure(f"answered {reply['op']!r} to 'serve'")
                 self._child = child
                 self.pid = child.pid
         except (control.ControlError, _StartFailure) as exc:
@@ -331,20 +356,34 @@ class DomainHost:
         self.attributes = self.attributes or attributes
         return child
 
-    def _send_memory(self, child: _Child, op: str, aborts: Sequence[int] = ()) -> None:
-        """Send the memory table (and, with `serve`, the channel and the state); wait
-        for the ack. Called with the lock held."""
-        message: dict[str, Any] = {"op": op, "regions": [r for r, _ in self._regions]}
-        fds = [fd for _, fd in self._regions]
-        if op == "serve":
-            message["state"] = self.state
-            message["layout"] = [layout.to_wire() for layout in self.channel.layouts]
-            fds = self.channel.fds() + fds
+    def _request(
+        self,
+        child: _Child,
+        message: dict[str, Any],
+        fds: Sequence[int] = (),
+        aborts: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """Send a control message, return the answer. Called with the lock held."""
         control.send(child.sock, message, fds)
         reply, fds = control.receive(child.sock, CONTROL_TIMEOUT, abort_fds=aborts or [child.pidfd])
         control.close_fds(fds)
+        return reply
+
+    def _send_memory(self, child: _Child, aborts: Sequence[int] = ()) -> None:
+        """Send the memory table, wait until it is mapped; DomainMemoryError if the
+        child cannot map it. Called with the lock held."""
+        message = {"op": "memory", "regions": [r for r, _ in self._regions]}
+        reply = self._request(child, message, [fd for _, fd in self._regions], aborts)
+        if reply["op"] == "error":
+            raise DomainMemoryError(
+                f"{self.label} cannot map the guest memory table: {reply.get('message')}"
+            )
         if reply["op"] != "ok":
-            raise control.ControlError(f"{op}: {reply.get('message', reply['op'])}")
+            raise control.ControlError(f"memory: answered {reply['op']!r}")
+
+    def _drop_memory(self) -> None:
+        control.close_fds([fd for _, fd in self._regions])
+        self._regions = []
 
     def _check_attributes(self, attributes: object) -> dict[str, Any]:
         """The child is less trusted than we are: accept plain values only."""
