@@ -1,9 +1,11 @@
-"""Hardening of the driver domain (issue 11): hostile memory tables, guest memory
-unmapped at reset, no sockets for a block child."""
+"""Hardening of the driver domain (issue 11): hostile memory tables, a domain that
+gives up and comes back, guest memory unmapped at reset, no sockets for a block
+child."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import socket
@@ -25,6 +27,7 @@ from domain_helpers import (
 )
 
 from vdev.devices.blk import RequestType, Status
+from vdev.domain import host as host_module
 from vdev.domain.host import DomainHost, DomainMemoryError
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, serve_device
@@ -129,6 +132,93 @@ async def test_more_regions_than_one_message_carries(tmp_path: Path, image: Path
     await wait_until(lambda: host.restarts == 1 and host.pid)
     assert mappings(host.pid).count("memfd:vdev-test-regions") == 300
     memory.close()
+    device.close()
+
+
+# --- item 4: giving up is not for good ----------------------------------------------------
+
+
+async def test_new_session_after_repeated_crashes(
+    tmp_path: Path, image: Path, plugins: None
+) -> None:
+    flag = tmp_path / "crash"
+    options = {"path": str(image), "crash_flag": str(flag)}
+    device = blk_in_domain(tmp_path / "c.sock", "crashy", options)
+    host = host_of(device)
+    async with serve_device(device, tmp_path / "c.sock") as path:
+        async with Frontend.connect(path) as fe:
+            assert await write_and_read(fe) == (Status.OK, Status.OK, True)
+            flag.touch()
+            kill_child(host)
+            await wait_until(lambda: host.failure is not None)
+        reset(host)
+        assert host.stats()["domain_given_up"] == 1
+        flag.unlink()
+        async with Frontend.connect(path) as fe:
+            assert await write_and_read(fe, 64) == (Status.OK, Status.OK, True)
+    assert host.status == "serving" and host.failure is None
+    assert host.stats()["domain_failed"] == 0
+    device.close()
+
+
+async def test_given_up_domain_keeps_trying(
+    tmp_path: Path,
+    image: Path,
+    plugins: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a new session, the supervisor retries (backing off to the ceiling) and
+    serves again once the child can start; giving up is logged once."""
+    monkeypatch.setattr(host_module, "BACKOFF_MAX", 0.2)
+    caplog.set_level(logging.DEBUG, host_module.__name__)
+    flag = tmp_path / "crash"
+    options = {"path": str(image), "crash_flag": str(flag)}
+    device = blk_in_domain(tmp_path / "k.sock", "crashy", options)
+    host = host_of(device)
+    flag.touch()
+    kill_child(host)
+    await wait_until(lambda: host.failure is not None)
+
+    def retries() -> int:
+        return sum("failed to start" in r.getMessage() for r in caplog.records)
+
+    await wait_until(lambda: retries() > host.max_failures + 2)
+    assert host.stats()["domain_given_up"] == 1 and host.restarts == 0
+    flag.unlink()
+    await wait_until(lambda: host.status == "serving")
+    assert host.stats()["domain_failed"] == 0 and host.restarts == 1
+    assert sum("gave up" in r.getMessage() for r in caplog.records) == 1
+    async with serve_device(device, tmp_path / "k.sock") as path, Frontend.connect(path) as fe:
+        assert await write_and_read(fe) == (Status.OK, Status.OK, True)
+    device.close()
+
+
+@pytest.mark.xfail(
+    strict=True, reason="needs the proxies to free the rings when they drop requests"
+)
+async def test_new_session_after_requests_failed_while_given_up(
+    tmp_path: Path, image: Path, plugins: None
+) -> None:
+    """Requests that failed while the domain was given up leave nothing on the rings
+    for the next child to trip over."""
+    flag = tmp_path / "crash"
+    options = {"path": str(image), "crash_flag": str(flag)}
+    device = blk_in_domain(tmp_path / "g.sock", "crashy", options)
+    host = host_of(device)
+    async with serve_device(device, tmp_path / "g.sock") as path:
+        async with Frontend.connect(path) as fe:
+            await fe.negotiate()
+            q = await fe.setup_queue(0)
+            flag.touch()
+            kill_child(host)
+            failed = await transact(q, [header(RequestType.IN, 0)], [SECTOR, 1])
+        reset(host)
+        flag.unlink()
+        async with Frontend.connect(path) as fe:
+            assert await write_and_read(fe) == (Status.OK, Status.OK, True)
+    assert status(failed) == Status.IOERR
+    assert host.crashes == 1
     device.close()
 
 

@@ -3,10 +3,14 @@
 `DomainHost` owns the channel (which outlives any one child) and a supervisor thread.
 The thread starts the child, watches its pidfd, and when the child dies — at once,
 whatever killed it — checks the rings (what the dead child completed stays completed),
-waits a backoff, and starts a new child that redoes every request left unfinished. A
-child that keeps dying (`max_failures` crashes, each within `STABLE_SECONDS` of its
+waits a backoff, and starts a new child that redoes every request left unfinished.
+
+A child that keeps dying (`max_failures` crashes, each within `STABLE_SECONDS` of its
 start) is given up: `failure` says why, and the proxies fail requests instead of
-waiting.
+waiting. Giving up is not for good: the supervisor keeps trying, backing off up to
+`BACKOFF_MAX`, and a new front-end session (`new_session`) gets a fresh budget at
+once. `failure` is cleared for each attempt (requests wait for it), set again if it
+fails; a child that serves ends the given-up state.
 
 The supervisor is a thread, not a trio task, so that supervision needs no nursery and
 works the same under `vdev run`, in tests, and while no request is in flight.
@@ -48,8 +52,9 @@ STOP_TIMEOUT = 5.0
 #: A child that ran this long before dying resets the count of crashes in a row.
 STABLE_SECONDS = 10.0
 MAX_FAILURES = 5
+#: Waits between attempts: doubling from the first to the ceiling, for ever.
 BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 2.0
+BACKOFF_MAX = 30.0
 
 
 class DomainError(Exception):
@@ -152,18 +157,25 @@ class DomainHost:
         self.attributes: dict[str, Any] = {}
         #: Replayed to every new child (negotiated features...).
         self.state: dict[str, Any] = {}
-        #: Children started after the first, crashes seen, requests redone after one.
+        #: Children started after the first, crashes seen, requests redone after one,
+        #: times the domain was given up.
         self.restarts = 0
         self.crashes = 0
         self.reissued = 0
-        #: Why the domain was given up; None while it works.
+        self.given_up = 0
+        #: Why the domain was given up; None while it works (or is being tried again).
         self.failure: str | None = None
+        #: The same, from giving up until a child serves again or a new session.
+        self._given_up: str | None = None
+        #: Crashes (or failed starts) in a row: the budget `max_failures` bounds.
+        self._failures = 0
         #: The child serving now (None while it is being replaced).
         self.pid: int | None = None
         self._regions: list[tuple[list[int], int]] = []
         self._child: _Child | None = None
         self._lock = threading.Lock()  # the control socket, the memory table, _child
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # ends a backoff
         self._closed = False
         self._ready = threading.Event()
         self._start_error: str | None = None
@@ -182,19 +194,40 @@ class DomainHost:
         assert self._channel is not None, "no child has started yet"
         return self._channel
 
+    @property
+    def status(self) -> str:
+        """'serving', 'restarting' (no child right now), 'given up' or 'stopped'."""
+        if self._closed:
+            return "stopped"
+        if self.failure is not None:
+            return "given up"
+        return "serving" if self.pid is not None else "restarting"
+
+    def new_session(self) -> None:
+        """A new front-end session begins: a fresh crash budget, and a given-up domain
+        is tried again at once (requests wait for it meanwhile)."""
+        self._failures = 0
+        if self._given_up is not None:
+            log.warning("%s: new session; trying the driver domain again", self.label)
+            self._given_up = None
+            self._resume()
+            os.eventfd_write(self._wake, 1)
+
     def memory_changed(self, memory: GuestMemory) -> None:
         """Send the guest memory table to the child (policy map), and keep it for the
         next ones; a table without regions unmaps all guest memory in the child.
 
         Blocks until the child has mapped it. Raises `DomainMemoryError` if the child
         cannot map it: the table is dropped, the child serves on without guest
-        memory.
+        memory. A table after none starts a new session (see `new_session`).
         """
         regions = [
             ([r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset], os.dup(r.fd))
             for r in memory.regions
             if r.fd is not None
         ]
+        if regions and not self._regions:
+            self.new_session()
         with self._lock:
             old, self._regions = self._regions, regions
             control.close_fds([fd for _, fd in old])
@@ -227,6 +260,7 @@ class DomainHost:
             "domain_restarts": self.restarts,
             "domain_crashes": self.crashes,
             "domain_reissued": self.reissued,
+            "domain_given_up": self.given_up,
             "domain_failed": int(self.failure is not None),
         }
 
@@ -241,6 +275,7 @@ class DomainHost:
             self._channel.close()
         self._drop_memory()
         os.close(self._stop)
+        os.close(self._wake)
 
     # --- supervision (the thread) --------------------------------------------------------
 
@@ -252,9 +287,10 @@ class DomainHost:
             self._give_up(f"{self.label}: supervisor failed: {exc}")
 
     def _supervise_children(self) -> None:
-        failures = 0
         last = ""
         while True:
+            if self.failure is not None:
+                self._resume()
             try:
                 child = self._spawn()
             except _StartFailure as exc:
@@ -264,32 +300,41 @@ class DomainHost:
                     self._start_error = str(exc)
                     self._ready.set()
                     break
-                failures += 1
+                self._failures += 1
                 last = f"failed to start: {exc}"
-                log.error("%s: child %s", self.label, last)
+                level = logging.DEBUG if self._given_up is not None else logging.ERROR
+                log.log(level, "%s: child %s", self.label, last)
             else:
-                if self._ready.is_set():
-                    self.restarts += 1
-                    log.warning("%s: restarted as pid %d", self.label, child.pid)
-                else:
-                    self._ready.set()
-                    log.info("%s: running as pid %d", self.label, child.pid)
+                self._serving(child)
                 if not self._watch(child):
                     self._stop_child(child)
                     break
                 self.crashes += 1
                 lived = time.monotonic() - child.started
-                failures = 1 if lived >= STABLE_SECONDS else failures + 1
+                self._failures = 1 if lived >= STABLE_SECONDS else self._failures + 1
                 last = f"pid {child.pid} {child.reap()} after {lived:.1f}s"
                 self._rewind()
                 log.error("%s: child %s; restarting", self.label, last)
-            if failures >= self.max_failures:
+            if self._failures >= self.max_failures:
                 self._give_up(
-                    f"{self.label} gave up after {failures} crashes in a row; last: {last}"
+                    f"{self.label} gave up after {self._failures} crashes in a row; last: {last}"
                 )
+                if not self._ready.is_set():
+                    break
+            if self._sleep(min(BACKOFF_FIRST * 2 ** min(self._failures - 1, 20), BACKOFF_MAX)):
                 break
-            if self._sleep(min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)):
-                break
+
+    def _serving(self, child: _Child) -> None:
+        if not self._ready.is_set():
+            self._ready.set()
+            log.info("%s: running as pid %d", self.label, child.pid)
+            return
+        self.restarts += 1
+        if self._given_up is not None:
+            self._given_up = None
+            log.warning("%s: serving again, as pid %d", self.label, child.pid)
+        else:
+            log.warning("%s: restarted as pid %d", self.label, child.pid)
 
     def _spawn(self) -> _Child:
         """Start a child and bring it to serving; _StartFailure if it does not get there."""
@@ -418,19 +463,37 @@ class DomainHost:
                 self.reissued += unfinished
 
     def _sleep(self, seconds: float) -> bool:
-        """Back off; True if told to stop meanwhile."""
+        """Back off, until `new_session` at most; True if told to stop meanwhile."""
         poller = select.poll()
         poller.register(self._stop, select.POLLIN)
-        return bool(poller.poll(int(seconds * 1000)))
+        poller.register(self._wake, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(int(seconds * 1000))}
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        return self._stop in ready
 
     def _give_up(self, message: str) -> None:
-        log.error("%s", message)
-        self.failure = message
+        """Fail requests from now on; log it only on entering the given-up state."""
+        if self._given_up is None:
+            log.error("%s", message)
+            self.given_up += 1
+            self._given_up = message
+            if self._ready.is_set():
+                log.info("%s: trying again, backing off up to %gs", self.label, BACKOFF_MAX)
+        self.failure = self._given_up
         for ring in self.channel.rings if self._channel is not None else []:
             ring.wake()
         if not self._ready.is_set():
             self._start_error = message
             self._ready.set()
+
+    def _resume(self) -> None:
+        """Let requests wait for the next child again. Once each ring's lock has been
+        taken, no proxy is still dropping requests on the word of the old failure."""
+        self.failure = None
+        for ring in self.channel.rings if self._channel is not None else []:
+            with ring.lock:
+                pass
 
     def _stop_child(self, child: _Child) -> None:
         with self._lock:
