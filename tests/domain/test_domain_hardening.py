@@ -1,6 +1,6 @@
 """Hardening of the driver domain (issue 11): hostile memory tables, a domain that
-gives up and comes back, guest memory unmapped at reset, no sockets for a block
-child."""
+gives up and comes back, a hung child, guest memory unmapped at reset, no sockets
+for a block child."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import errno
 import logging
 import mmap
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -220,6 +221,43 @@ async def test_new_session_after_requests_failed_while_given_up(
     assert status(failed) == Status.IOERR
     assert host.crashes == 1
     device.close()
+
+
+# --- item 5: a hung child is replaced -----------------------------------------------------
+
+
+async def test_stopped_child_is_detected_and_replaced(tmp_path: Path, image: Path) -> None:
+    device = blk_in_domain(tmp_path / "w.sock", "file", {"path": str(image)}, watchdog=1.0)
+    host = host_of(device)
+    data = [os.urandom(4 * SECTOR) for _ in range(8)]
+    async with serve_device(device, tmp_path / "w.sock") as path, Frontend.connect(path) as fe:
+        await fe.negotiate()
+        q = await fe.setup_queue(0)
+        stopped = host.pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        for i, d in enumerate(data):
+            q.add([header(RequestType.OUT, 8 * i), d], [1])
+        q.kick()
+        writes = await q.wait_used(len(data), timeout=20)
+        reads = [
+            await transact(q, [header(RequestType.IN, 8 * i)], [4 * SECTOR, 1])
+            for i in range(len(data))
+        ]
+    assert [status(u) for u in writes + reads] == [Status.OK] * 2 * len(data)
+    assert [r.data[0] for r in reads] == data
+    assert (host.hangs, host.restarts) == (1, 1) and host.pid != stopped
+    assert host.reissued == len(data)
+    assert not Path(f"/proc/{stopped}").exists()
+    device.close()
+
+
+def test_watchdog_must_be_seconds() -> None:
+    from vdev.domain.spec import DomainSpec
+
+    for bad in (-1, True, "5"):
+        with pytest.raises(ValueError, match="watchdog"):
+            DomainSpec("driver", watchdog=bad)  # type: ignore[arg-type]
 
 
 # --- item 7: a departed front-end's memory is unmapped ------------------------------------

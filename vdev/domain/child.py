@@ -13,7 +13,7 @@ socket), in a fresh interpreter, so it inherits none of the core's memory. Start
    restarted child redoes exactly what its predecessor left unfinished.
 
 While serving, the control socket carries ``memory`` (the guest memory table, policy
-``map``; an empty one unmaps it all) and ``stop``.
+``map``; an empty one unmaps it all), ``ping`` (the core's watchdog) and ``stop``.
 Guest memory and the channel are mapped in two `GuestMemory` objects: ring
 descriptors only ever point into the channel, segment tables only into guest memory,
 so a front-end's guest addresses cannot collide with the channel's.
@@ -441,6 +441,8 @@ class Domain:
             match message["op"]:
                 case "stop":
                     return False
+                case "ping":
+                    control.send(self.sock, {"op": "pong"})
                 case "memory":
                     control.send(self.sock, self.map_memory(message, fds))
                 case op:

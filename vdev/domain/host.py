@@ -3,7 +3,9 @@
 `DomainHost` owns the channel (which outlives any one child) and a supervisor thread.
 The thread starts the child, watches its pidfd, and when the child dies — at once,
 whatever killed it — checks the rings (what the dead child completed stays completed),
-waits a backoff, and starts a new child that redoes every request left unfinished.
+waits a backoff, and starts a new child that redoes every request left unfinished. A
+child that stops answering the watchdog's pings (`DomainSpec.watchdog`: stopped,
+deadlocked) is killed and replaced the same way.
 
 A child that keeps dying (`max_failures` crashes, each within `STABLE_SECONDS` of its
 start) is given up: `failure` says why, and the proxies fail requests instead of
@@ -158,10 +160,11 @@ class DomainHost:
         #: Replayed to every new child (negotiated features...).
         self.state: dict[str, Any] = {}
         #: Children started after the first, crashes seen, requests redone after one,
-        #: times the domain was given up.
+        #: children killed by the watchdog, times the domain was given up.
         self.restarts = 0
         self.crashes = 0
         self.reissued = 0
+        self.hangs = 0
         self.given_up = 0
         #: Why the domain was given up; None while it works (or is being tried again).
         self.failure: str | None = None
@@ -260,6 +263,7 @@ class DomainHost:
             "domain_restarts": self.restarts,
             "domain_crashes": self.crashes,
             "domain_reissued": self.reissued,
+            "domain_hangs": self.hangs,
             "domain_given_up": self.given_up,
             "domain_failed": int(self.failure is not None),
         }
@@ -407,10 +411,11 @@ class DomainHost:
         message: dict[str, Any],
         fds: Sequence[int] = (),
         aborts: Sequence[int] = (),
+        timeout: float = CONTROL_TIMEOUT,
     ) -> dict[str, Any]:
         """Send a control message, return the answer. Called with the lock held."""
         control.send(child.sock, message, fds)
-        reply, fds = control.receive(child.sock, CONTROL_TIMEOUT, abort_fds=aborts or [child.pidfd])
+        reply, fds = control.receive(child.sock, timeout, abort_fds=aborts or [child.pidfd])
         control.close_fds(fds)
         return reply
 
@@ -439,12 +444,14 @@ class DomainHost:
         return attributes
 
     def _watch(self, child: _Child) -> bool:
-        """Sleep until the child dies (True) or we are stopping (False)."""
+        """Sleep until the child dies (True) or we are stopping (False); ping it
+        every half watchdog period meanwhile."""
         poller = select.poll()
         poller.register(child.pidfd, select.POLLIN)
         poller.register(self._stop, select.POLLIN)
+        period = self.spec.watchdog / 2
         while True:
-            ready = {fd for fd, _ in poller.poll()}
+            ready = {fd for fd, _ in poller.poll(int(period * 1000) if period else None)}
             if self._stop in ready:
                 return False
             if child.pidfd in ready:
@@ -452,6 +459,24 @@ class DomainHost:
                     self._child = None
                     self.pid = None
                 return True
+            if not ready:
+                self._ping(child, period)
+
+    def _ping(self, child: _Child, timeout: float) -> None:
+        """Kill the child if it does not answer a ping within `timeout` (hung)."""
+        with self._lock:
+            try:
+                reply = self._request(child, {"op": "ping"}, timeout=timeout)
+                if reply["op"] == "pong":
+                    return
+                reason = f"answered {reply['op']!r}"
+            except control.ControlError as exc:
+                reason = str(exc)
+        if select.select([child.pidfd], [], [], 0)[0]:
+            return  # it died meanwhile: _watch sees it
+        self.hangs += 1
+        log.error("%s: pid %d failed the watchdog (%s); killing it", self.label, child.pid, reason)
+        child.kill()
 
     def _rewind(self) -> None:
         """Check the rings the dead child left, and count what the next one will redo
