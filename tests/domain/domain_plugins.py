@@ -5,6 +5,7 @@ it would any plugin."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ quiet = domain_plugins:QuietDevice
 crashy = domain_plugins:CrashyDisk
 spawning = domain_plugins:SpawningDisk
 barrier = domain_plugins:BarrierDisk
+socket = domain_plugins:SocketDisk
 """
 
 
@@ -46,6 +48,25 @@ class SpawningDisk(FileBackend):
 
     def flush(self) -> None:
         subprocess.run(["true"], check=True)
+        super().flush()
+
+
+class SocketDisk(FileBackend):
+    """A file disk whose flush tries to create sockets (which seccomp must refuse for a
+    block backend) and writes what happened into the image's first sector."""
+
+    def flush(self) -> None:
+        outcome = []
+        for create in (lambda: socket.socket(socket.AF_UNIX), socket.socketpair):
+            try:
+                created = create()
+            except OSError as exc:
+                outcome.append(f"errno {exc.errno}")
+            else:
+                outcome.append("created")
+                for sock in created if isinstance(created, tuple) else (created,):
+                    sock.close()
+        self.write(0, [memoryview(", ".join(outcome).encode().ljust(512))])
         super().flush()
 
 

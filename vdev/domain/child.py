@@ -3,13 +3,20 @@
 Started by the core as ``python -m vdev.domain.child FD`` (FD: its end of the control
 socket), in a fresh interpreter, so it inherits none of the core's memory. Startup:
 
-1. receive ``start`` (backend name and options, channel memfd and eventfds, isolation);
+1. receive ``start`` (backend name and options, isolation);
 2. enter the network namespace, build the backend, drop to the user, load seccomp;
 3. answer ``ready`` with the backend's attributes (size, vnet_hdr, ...);
-4. receive ``serve`` (guest memory regions for policy ``map``, state to restore), then
-   serve: pop requests with vdev.virtio's SplitQueue (the device side), call the
-   backend, push completions. A ring starts where the previous child's used index
-   stopped, so a restarted child redoes exactly what its predecessor left unfinished.
+4. receive the guest memory table (``memory``, policy ``map``) if there is one, then
+   ``serve`` (channel memfd and eventfds, state to restore), and serve: pop
+   requests with vdev.virtio's SplitQueue (the device side), call the backend, push
+   completions. A ring starts where the previous child's used index stopped, so a
+   restarted child redoes exactly what its predecessor left unfinished.
+
+While serving, the control socket carries ``memory`` (the guest memory table, policy
+``map``; an empty one unmaps it all), ``ping`` (the core's watchdog) and ``stop``.
+Guest memory and the channel are mapped in two `GuestMemory` objects: ring
+descriptors only ever point into the channel, segment tables only into guest memory,
+so a front-end's guest addresses cannot collide with the channel's.
 
 The loop may poll the rings after each batch before sleeping on the eventfds: a
 wake-up costs far more than a short spin. The poll time adapts (`AdaptivePoll`): a
@@ -23,6 +30,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -69,6 +77,9 @@ BLK_ATTRIBUTES = (
 )
 NET_ATTRIBUTES = ("vnet_hdr", "offload_features")
 _USED_IDX_OFFSET = 2
+#: Open files a child may have: a guest memory table of vhost-user's 509 slots arrives
+#: as 509 fds, which the child dups while mapping them.
+FD_LIMIT = 4096
 
 
 class _Work(Protocol):
@@ -375,9 +386,11 @@ class Domain:
         confine.no_new_privs()
         if message.get("seccomp", True):
             if confine.seccomp_available():
-                confine.apply_seccomp()
+                confine.apply_seccomp(sockets=self.kind != Kind.BLK_BACKEND)
             else:
                 log.warning("seccomp filter not applied: libseccomp is not installed")
+        #: The channel, at CHANNEL_GPA; guest memory (policy map), at its guest addresses.
+        self.channel = GuestMemory()
         self.memory = GuestMemory()
         self.rings: list[_Ring] = []
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
@@ -387,18 +400,17 @@ class Domain:
         return {name: getattr(self.backend, name) for name in wanted if hasattr(self.backend, name)}
 
     def attach_channel(self, message: dict[str, Any], fds: Sequence[int]) -> None:
-        """Map the channel, the guest memory (policy map), and restore the state, from
-        the core's `serve` message: fds are the memfd, a kick and a call eventfd per
-        ring, then one per guest memory region."""
+        """Map the channel and restore the state, from the core's `serve` message: fds
+        are the memfd, then a kick and a call eventfd per ring."""
         layouts = [RingLayout.from_wire(r) for r in message["layout"]]
-        count = 1 + 2 * len(layouts)
-        memfd, ring_fds, region_fds = fds[0], fds[1:count], fds[count:]
+        if len(fds) != 1 + 2 * len(layouts):
+            raise ValueError(f"{len(fds)} fds for a channel of {len(layouts)} rings")
+        memfd, ring_fds = fds[0], fds[1:]
         size = os.fstat(memfd).st_size
         check_layout(layouts, size)
-        self.memory.add_region(CHANNEL_GPA, size, CHANNEL_GPA, 0, memfd)
-        self.set_memory(message.get("regions", []), region_fds)
+        self.channel.add_region(CHANNEL_GPA, size, CHANNEL_GPA, 0, memfd)
         self.rings = [
-            _Ring(self.memory, i, layout, [os.dup(fd) for fd in ring_fds[2 * i : 2 * i + 2]])
+            _Ring(self.channel, i, layout, [os.dup(fd) for fd in ring_fds[2 * i : 2 * i + 2]])
             for i, layout in enumerate(layouts)
         ]
         features = message.get("state", {}).get("features")
@@ -406,14 +418,17 @@ class Domain:
             self.backend.set_features(int(features))
 
     def set_memory(self, regions: Sequence[Sequence[int]], fds: Sequence[int]) -> None:
-        """Replace the guest regions (policy map) with those of the core's table."""
+        """Replace the guest regions (policy map) with those of the core's table; a
+        table that cannot be mapped leaves none."""
+        self.memory.clear()
         if len(regions) != len(fds):
             raise ValueError(f"{len(fds)} fds for {len(regions)} regions")
-        for region in list(self.memory.regions):
-            if region.guest_phys_addr != CHANNEL_GPA:
-                self.memory.remove_region(region.guest_phys_addr, region.size, region.user_addr)
-        for (gpa, size, user_addr, offset), fd in zip(regions, fds, strict=True):
-            self.memory.add_region(gpa, size, user_addr, offset, fd)
+        try:
+            for (gpa, size, user_addr, offset), fd in zip(regions, fds, strict=True):
+                self.memory.add_region(gpa, size, user_addr, offset, fd)
+        except BaseException:
+            self.memory.clear()
+            raise
 
     def control(self, timeout: float | None = 0) -> bool:
         """Handle one control message; False when the child must stop."""
@@ -423,20 +438,31 @@ class Domain:
             log.info("control socket: %s; stopping", exc)
             return False
         try:
-            if message["op"] == "stop":
-                return False
-            if message["op"] != "memory":
-                log.error("unknown control message %r", message["op"])
-                return True
-            try:
-                self.set_memory(message["regions"], fds)
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                control.send(self.sock, {"op": "error", "message": f"memory: {exc}"})
-                return False
-            control.send(self.sock, {"op": "ok"})
+            match message["op"]:
+                case "stop":
+                    return False
+                case "ping":
+                    control.send(self.sock, {"op": "pong"})
+                case "memory":
+                    control.send(self.sock, self.map_memory(message, fds))
+                case op:
+                    log.error("unknown control message %r", op)
             return True
+        except control.ControlError as exc:
+            log.info("control socket: %s; stopping", exc)
+            return False
         finally:
             control.close_fds(fds)
+
+    def map_memory(self, message: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
+        """Map the table of a `memory` message; the answer (the child serves on, with
+        no guest memory, if the table cannot be mapped)."""
+        try:
+            self.set_memory(message["regions"], fds)
+        except (GuestMemoryError, ValueError, KeyError, TypeError) as exc:
+            log.error("guest memory table refused: %s", exc)
+            return {"op": "error", "message": str(exc)}
+        return {"op": "ok"}
 
     def run(self) -> None:
         """Serve the rings until told to stop (or the core goes away)."""
@@ -459,6 +485,13 @@ class Domain:
             log.exception("closing the backend")
 
 
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT if hard == resource.RLIM_INFINITY else min(FD_LIMIT, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -466,11 +499,28 @@ def _setup_logging() -> None:
     )
 
 
+def _attach(domain: Domain) -> None:
+    """Map the guest memory table, if one comes first, then the channel (`serve`):
+    the rings start with the guest memory their requests refer to."""
+    while True:
+        message, fds = control.receive(domain.sock)
+        try:
+            if message["op"] == "serve":
+                domain.attach_channel(message, fds)
+                return
+            if message["op"] != "memory":
+                raise control.ControlError(f"expected 'serve', got {message['op']!r}")
+            control.send(domain.sock, domain.map_memory(message, fds))
+        finally:
+            control.close_fds(fds)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     # Ctrl-C on the terminal is for the core, which stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _setup_logging()
+    _raise_fd_limit()
     sock = socket.socket(fileno=int(argv[1]))
     try:
         message, fds = control.receive(sock)
@@ -492,14 +542,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     control.send(sock, {"op": "ready", "attributes": domain.attributes})
     try:
-        message, fds = control.receive(sock)
-        try:
-            if message["op"] != "serve":
-                raise control.ControlError(f"expected 'serve', got {message['op']!r}")
-            domain.attach_channel(message, fds)
-        finally:
-            control.close_fds(fds)
-    except (control.ControlError, ValueError, TypeError, KeyError, OSError) as exc:
+        _attach(domain)
+    except (
+        control.ControlError,
+        GuestMemoryError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+    ) as exc:
         log.error("cannot start serving: %s", exc)
         domain.close()
         return 1

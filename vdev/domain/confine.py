@@ -9,7 +9,15 @@ The seccomp filter uses libseccomp (Debian's libseccomp2, which apt itself depen
 on) through ctypes, so it works in any virtualenv; its Python bindings
 (python3-seccomp) only exist for Debian's own interpreter. It is a deny list: a
 Python backend may legitimately use most of the kernel, but never needs to execute
-programs, fork, trace, mount, load modules or change namespaces.
+programs, fork, trace, mount, load modules or change namespaces. A block backend
+creates no sockets either (`BLOCK_DENIED_SYSCALLS`; io_uring too, whose requests the
+filter cannot see): one that talks to a server must connect while it is built.
+
+What stays allowed: threads, memory mappings, the fds the child holds (its files,
+TAP, the channel and the control socket, sockets a backend opened while it was
+built), and file system calls: a confined child can still open any file its user
+may open (world-readable ones with `domain-user`). A net child can still create
+sockets: give it a network namespace of its own (`domain-netns`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ DENIED_SYSCALLS = (
     "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
     "open_by_handle_at", "name_to_handle_at", "personality",
 )  # fmt: skip
+#: Also refused to block children: creating sockets, directly or through io_uring.
+BLOCK_DENIED_SYSCALLS = ("socket", "socketpair", "io_uring_setup")
 
 
 class ConfineError(Exception):
@@ -131,8 +141,9 @@ def seccomp_available() -> bool:
     return _libseccomp() is not None
 
 
-def apply_seccomp() -> None:
-    """Install the deny-list filter on every thread of this process.
+def apply_seccomp(*, sockets: bool = True) -> None:
+    """Install the deny-list filter on every thread of this process; without
+    `sockets`, `BLOCK_DENIED_SYSCALLS` too.
 
     clone() without CLONE_THREAD (a new process) is refused; clone3 answers ENOSYS so
     that the C library falls back to clone for threads, whose flags a filter can see.
@@ -146,7 +157,7 @@ def apply_seccomp() -> None:
     try:
         _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1), "attr TSYNC")
         deny = SCMP_ACT_ERRNO | errno.EPERM
-        for name in DENIED_SYSCALLS:
+        for name in DENIED_SYSCALLS + (() if sockets else BLOCK_DENIED_SYSCALLS):
             number = lib.seccomp_syscall_resolve_name(name.encode())
             if number >= 0:
                 _check(lib.seccomp_rule_add_array(ctx, deny, number, 0, None), name)

@@ -1,8 +1,10 @@
 """Control messages between the core and a driver domain: JSON objects with fds.
 
 They travel on a SOCK_SEQPACKET socketpair (one message per datagram, fds riding
-with it). JSON, not pickle: the core must never run code the child chose. The data
-path never uses this socket.
+with it). A message with more fds than one datagram may carry (SCM_MAX_FD) is
+preceded by `fds` datagrams carrying the first ones; `receive` joins them. JSON, not
+pickle: the core must never run code the child chose. The data path never uses this
+socket.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-#: The kernel's limit of fds per message (SCM_MAX_FD).
+#: The kernel's limit of fds per datagram (SCM_MAX_FD).
 MAX_FDS = 253
-MAX_MESSAGE = 1 << 16
+#: The limit of fds per message, over all its datagrams (more than vhost-user's slots).
+MAX_MESSAGE_FDS = 1024
+#: The datagram that carries a message's leading fds.
+_FDS = b'{"op": "fds"}'
+MAX_MESSAGE = 1 << 18
 _INT = array.array("i").itemsize
 
 
@@ -31,17 +37,24 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    """Send one message (blocking)."""
-    if len(fds) > MAX_FDS:
-        raise ControlError(f"{len(fds)} fds do not fit one message (at most {MAX_FDS})")
+    """Send one message (blocking), in several datagrams if it has many fds."""
+    if len(fds) > MAX_MESSAGE_FDS:
+        raise ControlError(f"{len(fds)} fds are too many for one message ({MAX_MESSAGE_FDS})")
     data = json.dumps(message).encode()
     if len(data) > MAX_MESSAGE:
         raise ControlError(f"control message of {len(data)} bytes is too large")
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    chunks = [fds[i : i + MAX_FDS] for i in range(0, len(fds), MAX_FDS)] or [()]
     try:
-        sock.sendmsg([data], anc)
+        for chunk in chunks[:-1]:
+            _send(sock, _FDS, chunk)
+        _send(sock, data, chunks[-1])
     except OSError as exc:
         raise ControlError(f"cannot send {message.get('op')!r}: {exc.strerror}") from exc
+
+
+def _send(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
 
 
 def receive(
@@ -50,6 +63,24 @@ def receive(
     """Receive one message and its fds. `timeout` in seconds (None: wait forever);
     any of `abort_fds` readable (a child's pidfd, a stop signal) ends the wait first,
     with ControlError."""
+    fds: list[int] = []
+    try:
+        while True:
+            message, more = _receive(sock, timeout, abort_fds)
+            fds += more
+            if len(fds) > MAX_MESSAGE_FDS:
+                raise ControlError(f"a control message carried more than {MAX_MESSAGE_FDS} fds")
+            if message["op"] != "fds":
+                return message, fds
+    except ControlError:
+        close_fds(fds)
+        raise
+
+
+def _receive(
+    sock: socket.socket, timeout: float | None, abort_fds: Sequence[int]
+) -> tuple[dict[str, Any], list[int]]:
+    """One datagram: its message and fds."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     for fd in abort_fds:
@@ -67,20 +98,20 @@ def receive(
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % _INT])
-    if not data:
-        close_fds(fds)
-        raise ControlError("the other side closed the control socket")
-    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-        close_fds(fds)
-        raise ControlError("a control message was truncated")
     try:
-        message = json.loads(data)
-    except ValueError as exc:
+        if not data:
+            raise ControlError("the other side closed the control socket")
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            raise ControlError("a control message was truncated")
+        try:
+            message = json.loads(data)
+        except ValueError as exc:
+            raise ControlError(f"malformed control message: {exc}") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+            raise ControlError(f"malformed control message {data[:80]!r}")
+    except ControlError:
         close_fds(fds)
-        raise ControlError(f"malformed control message: {exc}") from exc
-    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-        close_fds(fds)
-        raise ControlError(f"malformed control message {data[:80]!r}")
+        raise
     return message, list(fds)
 
 

@@ -4,9 +4,15 @@
 The thread starts the child, watches its pidfd, and when the child dies — at once,
 whatever killed it — checks the rings (what the dead child completed stays completed),
 waits a backoff, and starts a new child that redoes every request left unfinished. A
-child that keeps dying (`max_failures` crashes, each within `STABLE_SECONDS` of its
+child that stops answering the watchdog's pings (`DomainSpec.watchdog`: stopped,
+deadlocked) is killed and replaced the same way.
+
+A child that keeps dying (`max_failures` crashes, each within `STABLE_SECONDS` of its
 start) is given up: `failure` says why, and the proxies fail requests instead of
-waiting.
+waiting. Giving up is not for good: the supervisor keeps trying, backing off up to
+`BACKOFF_MAX`, and a new front-end session (`new_session`) gets a fresh budget at
+once. `failure` is cleared for each attempt (requests wait for it), set again if it
+fails; a child that serves ends the given-up state.
 
 The supervisor is a thread, not a trio task, so that supervision needs no nursery and
 works the same under `vdev run`, in tests, and while no request is in flight.
@@ -34,6 +40,7 @@ from vdev.domain import control
 from vdev.domain.channel import Channel
 from vdev.domain.spec import DomainSpec
 from vdev.plugins import Kind
+from vdev.virtio.errors import GuestMemoryError
 from vdev.virtio.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -47,12 +54,17 @@ STOP_TIMEOUT = 5.0
 #: A child that ran this long before dying resets the count of crashes in a row.
 STABLE_SECONDS = 10.0
 MAX_FAILURES = 5
+#: Waits between attempts: doubling from the first to the ceiling, for ever.
 BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 2.0
+BACKOFF_MAX = 30.0
 
 
 class DomainError(Exception):
     """The driver domain cannot be started, or was given up."""
+
+
+class DomainMemoryError(DomainError, GuestMemoryError):
+    """The child cannot map the front-end's guest memory table (that session's fault)."""
 
 
 class _StartFailure(Exception):
@@ -147,18 +159,26 @@ class DomainHost:
         self.attributes: dict[str, Any] = {}
         #: Replayed to every new child (negotiated features...).
         self.state: dict[str, Any] = {}
-        #: Children started after the first, crashes seen, requests redone after one.
+        #: Children started after the first, crashes seen, requests redone after one,
+        #: children killed by the watchdog, times the domain was given up.
         self.restarts = 0
         self.crashes = 0
         self.reissued = 0
-        #: Why the domain was given up; None while it works.
+        self.hangs = 0
+        self.given_up = 0
+        #: Why the domain was given up; None while it works (or is being tried again).
         self.failure: str | None = None
+        #: The same, from giving up until a child serves again or a new session.
+        self._given_up: str | None = None
+        #: Crashes (or failed starts) in a row: the budget `max_failures` bounds.
+        self._failures = 0
         #: The child serving now (None while it is being replaced).
         self.pid: int | None = None
         self._regions: list[tuple[list[int], int]] = []
         self._child: _Child | None = None
         self._lock = threading.Lock()  # the control socket, the memory table, _child
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # ends a backoff
         self._closed = False
         self._ready = threading.Event()
         self._start_error: str | None = None
@@ -177,24 +197,53 @@ class DomainHost:
         assert self._channel is not None, "no child has started yet"
         return self._channel
 
+    @property
+    def status(self) -> str:
+        """'serving', 'restarting' (no child right now), 'given up' or 'stopped'."""
+        if self._closed:
+            return "stopped"
+        if self.failure is not None:
+            return "given up"
+        return "serving" if self.pid is not None else "restarting"
+
+    def new_session(self) -> None:
+        """A new front-end session begins: a fresh crash budget, and a given-up domain
+        is tried again at once (requests wait for it meanwhile)."""
+        self._failures = 0
+        if self._given_up is not None:
+            log.warning("%s: new session; trying the driver domain again", self.label)
+            self._given_up = None
+            self._resume()
+            os.eventfd_write(self._wake, 1)
+
     def memory_changed(self, memory: GuestMemory) -> None:
         """Send the guest memory table to the child (policy map), and keep it for the
-        next ones. Blocks until the child has mapped it."""
+        next ones; a table without regions unmaps all guest memory in the child.
+
+        Blocks until the child has mapped it. Raises `DomainMemoryError` if the child
+        cannot map it: the table is dropped, the child serves on without guest
+        memory. A table after none starts a new session (see `new_session`).
+        """
         regions = [
             ([r.guest_phys_addr, r.size, r.user_addr, r.mmap_offset], os.dup(r.fd))
             for r in memory.regions
             if r.fd is not None
         ]
+        if regions and not self._regions:
+            self.new_session()
         with self._lock:
             old, self._regions = self._regions, regions
+            control.close_fds([fd for _, fd in old])
             child = self._child
             if child is not None:
                 try:
-                    self._send_memory(child, "memory")
+                    self._send_memory(child)
+                except DomainMemoryError:
+                    self._drop_memory()
+                    raise
                 except control.ControlError as exc:
                     log.error("%s: memory update failed (%s); restarting it", self.label, exc)
                     child.kill()
-        control.close_fds([fd for _, fd in old])
 
     def set_state(self, key: str, value: object) -> None:
         """Remember something every future child must be told when it starts."""
@@ -214,6 +263,8 @@ class DomainHost:
             "domain_restarts": self.restarts,
             "domain_crashes": self.crashes,
             "domain_reissued": self.reissued,
+            "domain_hangs": self.hangs,
+            "domain_given_up": self.given_up,
             "domain_failed": int(self.failure is not None),
         }
 
@@ -226,9 +277,9 @@ class DomainHost:
         self._thread.join()
         if self._channel is not None:
             self._channel.close()
-        control.close_fds([fd for _, fd in self._regions])
-        self._regions = []
+        self._drop_memory()
         os.close(self._stop)
+        os.close(self._wake)
 
     # --- supervision (the thread) --------------------------------------------------------
 
@@ -240,9 +291,10 @@ class DomainHost:
             self._give_up(f"{self.label}: supervisor failed: {exc}")
 
     def _supervise_children(self) -> None:
-        failures = 0
         last = ""
         while True:
+            if self.failure is not None:
+                self._resume()
             try:
                 child = self._spawn()
             except _StartFailure as exc:
@@ -252,32 +304,41 @@ class DomainHost:
                     self._start_error = str(exc)
                     self._ready.set()
                     break
-                failures += 1
+                self._failures += 1
                 last = f"failed to start: {exc}"
-                log.error("%s: child %s", self.label, last)
+                level = logging.DEBUG if self._given_up is not None else logging.ERROR
+                log.log(level, "%s: child %s", self.label, last)
             else:
-                if self._ready.is_set():
-                    self.restarts += 1
-                    log.warning("%s: restarted as pid %d", self.label, child.pid)
-                else:
-                    self._ready.set()
-                    log.info("%s: running as pid %d", self.label, child.pid)
+                self._serving(child)
                 if not self._watch(child):
                     self._stop_child(child)
                     break
                 self.crashes += 1
                 lived = time.monotonic() - child.started
-                failures = 1 if lived >= STABLE_SECONDS else failures + 1
+                self._failures = 1 if lived >= STABLE_SECONDS else self._failures + 1
                 last = f"pid {child.pid} {child.reap()} after {lived:.1f}s"
                 self._rewind()
                 log.error("%s: child %s; restarting", self.label, last)
-            if failures >= self.max_failures:
+            if self._failures >= self.max_failures:
                 self._give_up(
-                    f"{self.label} gave up after {failures} crashes in a row; last: {last}"
+                    f"{self.label} gave up after {self._failures} crashes in a row; last: {last}"
                 )
+                if not self._ready.is_set():
+                    break
+            if self._sleep(min(BACKOFF_FIRST * 2 ** min(self._failures - 1, 20), BACKOFF_MAX)):
                 break
-            if self._sleep(min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)):
-                break
+
+    def _serving(self, child: _Child) -> None:
+        if not self._ready.is_set():
+            self._ready.set()
+            log.info("%s: running as pid %d", self.label, child.pid)
+            return
+        self.restarts += 1
+        if self._given_up is not None:
+            self._given_up = None
+            log.warning("%s: serving again, as pid %d", self.label, child.pid)
+        else:
+            log.warning("%s: restarted as pid %d", self.label, child.pid)
 
     def _spawn(self) -> _Child:
         """Start a child and bring it to serving; _StartFailure if it does not get there."""
@@ -316,7 +377,20 @@ class DomainHost:
                 except (OSError, ValueError) as exc:
                     raise _StartFailure(f"cannot make the channel: {exc}") from None
             with self._lock:
-                self._send_memory(child, "serve", aborts)
+                if self._regions:
+                    try:
+                        self._send_memory(child, aborts)
+                    except DomainMemoryError as exc:
+                        log.error("%s: %s; serving without it", self.label, exc)
+                        self._drop_memory()
+                serve = {
+                    "op": "serve",
+                    "state": self.state,
+                    "layout": [layout.to_wire() for layout in self.channel.layouts],
+                }
+                reply = self._request(child, serve, self.channel.fds(), aborts)
+                if reply["op"] != "ok":
+                    raise _StartFailure(f"answered {reply['op']!r} to 'serve'")
                 self._child = child
                 self.pid = child.pid
         except (control.ControlError, _StartFailure) as exc:
@@ -331,20 +405,35 @@ class DomainHost:
         self.attributes = self.attributes or attributes
         return child
 
-    def _send_memory(self, child: _Child, op: str, aborts: Sequence[int] = ()) -> None:
-        """Send the memory table (and, with `serve`, the channel and the state); wait
-        for the ack. Called with the lock held."""
-        message: dict[str, Any] = {"op": op, "regions": [r for r, _ in self._regions]}
-        fds = [fd for _, fd in self._regions]
-        if op == "serve":
-            message["state"] = self.state
-            message["layout"] = [layout.to_wire() for layout in self.channel.layouts]
-            fds = self.channel.fds() + fds
+    def _request(
+        self,
+        child: _Child,
+        message: dict[str, Any],
+        fds: Sequence[int] = (),
+        aborts: Sequence[int] = (),
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Send a control message, return the answer. Called with the lock held."""
         control.send(child.sock, message, fds)
-        reply, fds = control.receive(child.sock, CONTROL_TIMEOUT, abort_fds=aborts or [child.pidfd])
+        reply, fds = control.receive(child.sock, timeout, abort_fds=aborts or [child.pidfd])
         control.close_fds(fds)
+        return reply
+
+    def _send_memory(self, child: _Child, aborts: Sequence[int] = ()) -> None:
+        """Send the memory table, wait until it is mapped; DomainMemoryError if the
+        child cannot map it. Called with the lock held."""
+        message = {"op": "memory", "regions": [r for r, _ in self._regions]}
+        reply = self._request(child, message, [fd for _, fd in self._regions], aborts)
+        if reply["op"] == "error":
+            raise DomainMemoryError(
+                f"{self.label} cannot map the guest memory table: {reply.get('message')}"
+            )
         if reply["op"] != "ok":
-            raise control.ControlError(f"{op}: {reply.get('message', reply['op'])}")
+            raise control.ControlError(f"memory: answered {reply['op']!r}")
+
+    def _drop_memory(self) -> None:
+        control.close_fds([fd for _, fd in self._regions])
+        self._regions = []
 
     def _check_attributes(self, attributes: object) -> dict[str, Any]:
         """The child is less trusted than we are: accept plain values only."""
@@ -355,12 +444,14 @@ class DomainHost:
         return attributes
 
     def _watch(self, child: _Child) -> bool:
-        """Sleep until the child dies (True) or we are stopping (False)."""
+        """Sleep until the child dies (True) or we are stopping (False); ping it
+        every half watchdog period meanwhile."""
         poller = select.poll()
         poller.register(child.pidfd, select.POLLIN)
         poller.register(self._stop, select.POLLIN)
+        period = self.spec.watchdog / 2
         while True:
-            ready = {fd for fd, _ in poller.poll()}
+            ready = {fd for fd, _ in poller.poll(int(period * 1000) if period else None)}
             if self._stop in ready:
                 return False
             if child.pidfd in ready:
@@ -368,6 +459,24 @@ class DomainHost:
                     self._child = None
                     self.pid = None
                 return True
+            if not ready:
+                self._ping(child, period)
+
+    def _ping(self, child: _Child, timeout: float) -> None:
+        """Kill the child if it does not answer a ping within `timeout` (hung)."""
+        with self._lock:
+            try:
+                reply = self._request(child, {"op": "ping"}, timeout=timeout)
+                if reply["op"] == "pong":
+                    return
+                reason = f"answered {reply['op']!r}"
+            except control.ControlError as exc:
+                reason = str(exc)
+        if select.select([child.pidfd], [], [], 0)[0]:
+            return  # it died meanwhile: _watch sees it
+        self.hangs += 1
+        log.error("%s: pid %d failed the watchdog (%s); killing it", self.label, child.pid, reason)
+        child.kill()
 
     def _rewind(self) -> None:
         """Check the rings the dead child left, and count what the next one will redo
@@ -379,19 +488,37 @@ class DomainHost:
                 self.reissued += unfinished
 
     def _sleep(self, seconds: float) -> bool:
-        """Back off; True if told to stop meanwhile."""
+        """Back off, until `new_session` at most; True if told to stop meanwhile."""
         poller = select.poll()
         poller.register(self._stop, select.POLLIN)
-        return bool(poller.poll(int(seconds * 1000)))
+        poller.register(self._wake, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(int(seconds * 1000))}
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake)
+        return self._stop in ready
 
     def _give_up(self, message: str) -> None:
-        log.error("%s", message)
-        self.failure = message
+        """Fail requests from now on; log it only on entering the given-up state."""
+        if self._given_up is None:
+            log.error("%s", message)
+            self.given_up += 1
+            self._given_up = message
+            if self._ready.is_set():
+                log.info("%s: trying again, backing off up to %gs", self.label, BACKOFF_MAX)
+        self.failure = self._given_up
         for ring in self.channel.rings if self._channel is not None else []:
             ring.wake()
         if not self._ready.is_set():
             self._start_error = message
             self._ready.set()
+
+    def _resume(self) -> None:
+        """Let requests wait for the next child again. Once each ring's lock has been
+        taken, no proxy is still dropping requests on the word of the old failure."""
+        self.failure = None
+        for ring in self.channel.rings if self._channel is not None else []:
+            with ring.lock:
+                pass
 
     def _stop_child(self, child: _Child) -> None:
         with self._lock:

@@ -20,7 +20,8 @@ class DomainSpec:
     references (zero copy); `copy` keeps guest memory out of the child, data going
     through a bounce buffer. `user` and `netns` confine the child further; `seccomp`
     (driver only, on by default) loads a system-call filter in the child when
-    libseccomp is installed.
+    libseccomp is installed. `watchdog`: seconds a serving child may go without
+    answering the core's pings before it is killed and replaced (0: never).
     """
 
     kind: DomainKind = "inprocess"
@@ -28,6 +29,7 @@ class DomainSpec:
     user: str | None = None
     netns: str | None = None
     seccomp: bool = True
+    watchdog: float = 5.0
 
     def __post_init__(self) -> None:
         if self.kind not in DOMAIN_KINDS:
@@ -38,5 +40,11 @@ class DomainSpec:
             )
         if not isinstance(self.seccomp, bool):
             raise ValueError(f"domain seccomp must be true or false, not {self.seccomp!r}")
+        if (
+            not isinstance(self.watchdog, int | float)
+            or isinstance(self.watchdog, bool)
+            or not 0 <= self.watchdog < 1e6
+        ):
+            raise ValueError(f"domain watchdog must be seconds (0: off), not {self.watchdog!r}")
         if self.kind == "inprocess" and (self.user or self.netns or self.memory != "map"):
             raise ValueError("domain-memory, domain-user and domain-netns need --domain driver")
