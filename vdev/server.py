@@ -146,6 +146,10 @@ class Session:
             for vring in self.vrings:
                 vring.close()
             self.memory.close()
+            # Unmaps the departed front-end's memory wherever else it is mapped (a
+            # driver-domain child).
+            with trio.CancelScope(shield=True):
+                await self._memory_changed()
             self.device.reset()
 
     async def _serve_messages(self) -> None:

@@ -195,9 +195,6 @@ async def test_given_up_domain_keeps_trying(
     device.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs the proxies to free the rings when they drop requests"
-)
 async def test_new_session_after_requests_failed_while_given_up(
     tmp_path: Path, image: Path, plugins: None
 ) -> None:
@@ -282,7 +279,6 @@ async def test_no_guest_mapping_after_reset(tmp_path: Path, image: Path) -> None
     device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the session to call memory_changed at reset")
 async def test_no_guest_mapping_after_disconnect(tmp_path: Path, image: Path) -> None:
     device = blk_in_domain(tmp_path / "d.sock", "file", {"path": str(image)})
     host = host_of(device)

@@ -126,8 +126,7 @@ class DomainExecutor:
         in_flight = 0
         kicked = False
         while todo or in_flight:
-            if self.host.failure is not None:
-                self._abandon(todo)
+            if self.host.failure is not None and self._abandon(todo):
                 return
             while todo and self._publish(todo[0]):
                 todo.popleft()
@@ -167,12 +166,17 @@ class DomainExecutor:
             ring.ring.set_interrupts(False)
         self._poll.update(time.monotonic() - started)
 
-    def _abandon(self, todo: deque[_Piece]) -> None:
-        """The domain is gone: everything not completed fails."""
-        for piece in self.ring.ring.abandon():
-            piece.owner.status = Status.IOERR  # type: ignore[attr-defined]
+    def _abandon(self, todo: deque[_Piece]) -> bool:
+        """The domain is gone: everything not completed fails (False if it came back
+        meanwhile: the supervisor takes the ring's lock before a new child starts)."""
+        with self.ring.lock:
+            if self.host.failure is None:
+                return False
+            for piece in self.ring.abandon():
+                piece.owner.status = Status.IOERR  # type: ignore[attr-defined]
         for piece in todo:
             piece.owner.status = Status.IOERR
+        return True
 
     # --- requests on the ring -------------------------------------------------------------
 
@@ -337,9 +341,12 @@ class BlockProxy(BlockBackend):
             raise OSError(errno.EIO, f"the driver domain failed the request ({request.status})")
 
     def memory_changed(self, memory: GuestMemory) -> None:
-        """The device's memory hook: with `map`, the child maps the same regions."""
+        """The device's memory hook: with `map`, the child maps the same regions (none:
+        it unmaps them); a new table is a new session for the supervisor."""
         if self.host.spec.memory == "map":
             self.host.memory_changed(memory)
+        elif memory.regions:
+            self.host.new_session()
 
     def stats(self) -> dict[str, int]:
         return self.host.stats()

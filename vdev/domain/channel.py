@@ -215,6 +215,9 @@ class Arena:
     def release(self, end: int) -> None:
         self._tail = max(self._tail, min(end, self._head))
 
+    def release_all(self) -> None:
+        self._tail = self._head
+
 
 class DriverRing:
     """The driver side of a split virtqueue: publish chains, collect used ones.
@@ -353,9 +356,16 @@ class DriverRing:
         return unfinished
 
     def abandon(self) -> list[object]:
-        """Drop every chain in flight (the domain is gone for good); their tokens."""
-        tokens = [t for t in self._tokens if t is not None]
+        """Drop every chain in flight (the domain is gone); their tokens. The ring is
+        empty afterwards: a later child finds nothing to redo."""
+        tokens = []
+        for head, token in enumerate(self._tokens):
+            if token is not None:
+                tokens.append(token)
+                self._free.extend(self._chains[head])
         self._tokens = [None] * self.size
+        self._last_used = self._avail_idx
+        self._used_idx_field[0] = self._avail_idx
         return tokens
 
 
@@ -397,6 +407,12 @@ class ChannelRing:
         gpa = CHANNEL_GPA + self.layout.slots + slot
         readable = REQUEST.size + TABLE_ENTRY * segments
         return [(gpa + REQUEST_OFFSET, readable, 0), (gpa, RESULT.size, WRITE)]
+
+    def abandon(self) -> list[object]:
+        """Drop every request in flight and free its bounce space; their tokens."""
+        tokens = self.ring.abandon()
+        self.arena.release_all()
+        return tokens
 
     def result(self, head: int) -> int:
         """The errno the child left in the slot of `head` (0: success)."""
