@@ -334,7 +334,7 @@ class GuestMemory:
 
         The first call that finds the fault calls `on_fault` with its description, once
         for all threads, before raising: the server's way to end the session (from a
-        worker thread: it must be thread-safe, e.g. `trio.lowlevel.TrioToken.run_sync_soon`).
+        worker thread: thread-safe, not raising; e.g. `trio.lowlevel.TrioToken.run_sync_soon`).
         Data read since the fault may be zeros and data written lost: fail whatever the
         batch produced.
         """
