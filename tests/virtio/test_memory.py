@@ -111,6 +111,19 @@ def test_region_keeps_its_own_fd(memfd: int) -> None:
     os.fstat(memfd)  # the caller's fd is untouched
 
 
+def test_each_region_keeps_at_most_one_fd(memfd: int) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    with GuestMemory() as mem:
+        for i in range(4):
+            mem.add_region(i * PAGE, PAGE, i * PAGE, i * PAGE, memfd)
+            assert open_fds() <= before + i + 1
+        assert all(r.fd is not None for r in mem.regions)  # a driver domain passes them on
+    assert open_fds() == before
+
+
 def test_region_larger_than_its_file_is_refused(memfd: int) -> None:
     mem = GuestMemory()
     with pytest.raises(GuestMemoryError, match="exceeds its file"):

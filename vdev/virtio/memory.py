@@ -13,24 +13,35 @@ mapping goes away when its last view does.
 
 Mutations (add, remove, clear) replace an immutable lookup table, so threads that look
 up addresses concurrently see either the old or the new table, never a half-built one.
+
+Faults: a front-end may shrink a file after sending it, and touching guest memory past
+its new end raises SIGBUS. Regions mapped from files are registered with
+`vdev.virtio.faults`, whose handler turns such a fault into zeros read and writes lost,
+and records it: `fault` describes the first one, `check` raises it as GuestMemoryError,
+and `on_fault` lets the session hear of it (see `check`). The memory of that session can
+no longer be trusted; the daemon lives on.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from vdev.virtio import faults
 from vdev.virtio.errors import GuestMemoryError
 
 logger = logging.getLogger(__name__)
 
 _ADDRESS_LIMIT = 1 << 64
+_MAP_NORESERVE = 0x4000  # Linux; Python's mmap module lacks it
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,14 +54,17 @@ class MemoryRegion:
     user_addr: int
     #: Offset of the region in the file `fd` refers to.
     mmap_offset: int
-    #: A dup of the front-end's fd, owned by the `GuestMemory` (None for plain buffers).
+    #: A dup of the front-end's fd, owned by the `GuestMemory` (None for plain buffers);
+    #: the only fd the region keeps (a driver domain passes it on to its child).
     fd: int | None
     #: The region's bytes.
     view: memoryview = field(repr=False)
-    #: The mmap `view` slices (None for plain buffers).
+    #: The mmap that owns the address range `view` slices (None for plain buffers).
     mapping: mmap.mmap | None = field(repr=False)
     #: Address of the region's first byte in this process.
     host_addr: int = field(repr=False)
+    #: The file cannot shrink under us (a memfd sealed with F_SEAL_SHRINK).
+    sealed: bool = False
 
     @property
     def gpa_end(self) -> int:
@@ -99,6 +113,46 @@ def _buffer_address(view: memoryview) -> int:
     return ctypes.addressof((ctypes.c_char * view.nbytes).from_buffer(view))
 
 
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def _page_size(st: os.stat_result) -> int:
+    """Granularity of a file's mappings: hugetlbfs reports its huge page size as st_blksize.
+
+    A larger block size of another file system only makes the mapping coarser-aligned.
+    """
+    size = st.st_blksize
+    return size if size > mmap.PAGESIZE and not size & (size - 1) else mmap.PAGESIZE
+
+
+def _shrink_sealed(fd: int) -> bool:
+    """Whether the file cannot be truncated under us: a memfd with F_SEAL_SHRINK."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # EINVAL: not a memfd, no seals
+        return False
+
+
+def _map_file(fd: int, offset: int, length: int, page: int) -> tuple[mmap.mmap, int]:
+    """Map [offset, offset+length) of `fd` shared: (the owner mmap, where in it).
+
+    Python's mmap would keep a dup of `fd` for the mapping's life, a second fd per
+    region. Instead an anonymous mmap reserves the range (it also gives views their
+    lifetime tracking, and unmaps it all when closed) and the file is mapped over it
+    with MAP_FIXED at a `page` aligned address (hugetlbfs needs that).
+    """
+    reserve = mmap.mmap(-1, length + page - mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    base = _buffer_address(memoryview(reserve))
+    start = _round_up(base, page)
+    try:
+        faults.map_fixed(start, length, mmap.MAP_SHARED, fd, offset)
+    except OSError:
+        reserve.close()
+        raise
+    return reserve, start - base
+
+
 def _slice(region: MemoryRegion, offset: int, length: int) -> memoryview:
     try:
         return region.view[offset : offset + length]
@@ -113,6 +167,11 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self._table = _Table()
+        self._faults = faults.FaultRecord()
+        self._fault_lock = threading.Lock()
+        self._fault_reported = False
+        #: Called once, with `fault`, by the first `check` that finds one (on its thread).
+        self.on_fault: Callable[[str], None] | None = None
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -132,37 +191,43 @@ class GuestMemory:
     ) -> None:
         """Map `size` bytes of `fd` from `mmap_offset` (SET_MEM_TABLE / ADD_MEM_REG entry).
 
-        The caller keeps ownership of `fd`; the region keeps a dup of it. The file is
-        mapped from offset 0 (mmap offsets must be page aligned, region offsets need not).
+        The caller keeps ownership of `fd`; the region keeps one dup of it, the mapping
+        none. The file must be large enough now; should it shrink later, the region's
+        SIGBUS guard catches the faults (see the module docstring).
         """
         self._check_new(guest_phys_addr, size, user_addr)
         if mmap_offset < 0:
             raise GuestMemoryError(f"negative mmap offset {mmap_offset:#x}")
-        length = mmap_offset + size
+        name = f"region {guest_phys_addr:#x}+{size:#x}"
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size < length:
-                # Touching pages past the end of the file would SIGBUS the daemon.
+            if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + size:
+                # Touching pages past the end of the file would SIGBUS.
                 raise GuestMemoryError(
-                    f"region {guest_phys_addr:#x}+{size:#x} at offset {mmap_offset:#x} "
-                    f"exceeds its file ({st.st_size:#x} bytes)"
+                    f"{name} at offset {mmap_offset:#x} exceeds its file ({st.st_size:#x} bytes)"
                 )
-            mapping = mmap.mmap(
-                fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            page = _page_size(st)
+            skip = mmap_offset % page
+            length = _round_up(skip + size, page)
+            mapping, start = _map_file(fd, mmap_offset - skip, length, page)
         except (OSError, ValueError, OverflowError) as exc:
-            raise GuestMemoryError(
-                f"cannot map region {guest_phys_addr:#x}+{size:#x} from fd {fd}: {exc}"
-            ) from exc
+            raise GuestMemoryError(f"cannot map {name} from fd {fd}: {exc}") from exc
         try:
             dup = os.dup(fd)
         except OSError as exc:
             mapping.close()
             raise GuestMemoryError(f"cannot keep fd {fd}: {exc}") from exc
-        view = memoryview(mapping)[mmap_offset:length]
+        sealed = _shrink_sealed(fd)
+        if not sealed:
+            logger.debug("%s: its file can shrink (no F_SEAL_SHRINK); faults are caught", name)
+        view = memoryview(mapping)[start + skip : start + skip + size]
         address = _buffer_address(view)
+        guarded = faults.GuardedRange(address - skip, length, page, mmap_offset - skip, name)
+        faults.guard(mapping, guarded, self._faults)
         self._insert(
-            MemoryRegion(guest_phys_addr, size, user_addr, mmap_offset, dup, view, mapping, address)
+            MemoryRegion(
+                guest_phys_addr, size, user_addr, mmap_offset, dup, view, mapping, address, sealed
+            )
         )
 
     def add_buffer(
@@ -249,6 +314,38 @@ class GuestMemory:
             )
         else:
             logger.debug("unmapped %s", region)
+
+    # --- faults ----------------------------------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        """What the first SIGBUS on this memory hit (None if none did). It stays set:
+        once a file shrank under us, nothing read from this memory can be trusted."""
+        address, where = self._faults.address, self._faults.where
+        if address is None or where is None:
+            return None
+        return (
+            f"guest memory fault (SIGBUS) at file offset {where.file_offset(address):#x} "
+            f"of {where.label}: the front-end shrank its memory file"
+        )
+
+    def check(self) -> None:
+        """Raise GuestMemoryError if this memory faulted (cheap: call it after each batch).
+
+        The first call that finds the fault calls `on_fault` with its description, once
+        for all threads, before raising: the server's way to end the session (from a
+        worker thread: thread-safe, not raising; e.g. `trio.lowlevel.TrioToken.run_sync_soon`).
+        Data read since the fault may be zeros and data written lost: fail whatever the
+        batch produced.
+        """
+        message = self.fault
+        if message is None:
+            return
+        with self._fault_lock:
+            report, self._fault_reported = not self._fault_reported, True
+        if report and self.on_fault is not None:
+            self.on_fault(message)
+        raise GuestMemoryError(message)
 
     # --- lookups ---------------------------------------------------------------------
 
