@@ -135,6 +135,10 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._workers = QueueWorkers(self.device, nursery)
+                token = trio.lowlevel.current_trio_token()
+                self.memory.on_fault = lambda message: token.run_sync_soon(
+                    self._on_memory_fault, message, nursery.cancel_scope
+                )
                 try:
                     await self._serve_messages()
                 finally:
@@ -151,6 +155,11 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._memory_changed()
             self.device.reset()
+
+    def _on_memory_fault(self, message: str, scope: trio.CancelScope) -> None:
+        """Guest memory faulted (the front-end shrank its file): end this session."""
+        log.error("%s: %s; session ended", self.name, message)
+        scope.cancel()
 
     async def _serve_messages(self) -> None:
         while True:

@@ -48,6 +48,8 @@ class Vring:
         self.started = False
         self.enabled = False
         self.ring: Virtqueue | None = None
+        #: The guest memory the ring lives in (checked for faults after each batch).
+        self.memory: GuestMemory | None = None
         #: Why the queue stopped serving (a hostile chain, a device fault), if it did.
         self.failure: str | None = None
         #: Per-queue counters the device may add to (requests, bytes, ...).
@@ -83,6 +85,7 @@ class Vring:
             base=self._ring_base(features),
         )
         self.failure = None
+        self.memory = memory
         self._worker = await workers.get(self.index)
         self._worker.attach(self)
         log.debug("queue %d started (size %d)", self.index, self.size)

@@ -213,6 +213,8 @@ class QueueWorker:
         self.stats["wakeups"] += 1
         try:
             handle(vring)
+            if vring.memory is not None:
+                vring.memory.check()  # a front-end that shrank its memory file
         except VirtioError as exc:
             vring.fail(str(exc))
         except Exception:

@@ -10,7 +10,6 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
 import trio
 from vdev_backends.blk_ram import RamBackend
 
@@ -73,7 +72,6 @@ async def test_truncated_guest_memory_does_not_kill_the_daemon(tmp_path: Path) -
     device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs worker wiring by lead")
 async def test_truncated_guest_memory_ends_the_session(tmp_path: Path) -> None:
     """A fault fails the session: the server hangs up, and serves the next front-end."""
     device = BlkDevice(RamBackend(1 << 20))
