@@ -24,9 +24,9 @@ MAC_C = bytes.fromhex("525400000003")
 _names = itertools.count()
 
 
-def mv(data: bytes) -> list[memoryview]:
-    """A frame as a device hands it over: a scatter list (cut in two here)."""
-    return [memoryview(data)[:7], memoryview(data)[7:]]
+def mv(data: bytes) -> list[list[memoryview]]:
+    """A batch of one frame as a device hands it over: a scatter list (cut in two)."""
+    return [[memoryview(data)[:7], memoryview(data)[7:]]]
 
 
 class Port:
@@ -137,7 +137,8 @@ async def test_three_devices_on_one_switch(switch_name: str) -> None:
             [f[12:] for f in await rig.receive(0, n)]
             for rig, n in zip(rigs, (2, 2, 3), strict=True)
         ]
-        await trio.testing.wait_all_tasks_blocked()
+        for rig in rigs:
+            await rig.settle()
         assert rigs[1].rings[0].get_used() == []  # B never saw the unicast
         for rig in rigs:
             await rig.stop()
