@@ -14,7 +14,7 @@ import trio
 from vdev.backend import NetBackend
 from vdev.devices.net import NET_HDR, NetDevice, NetFeature
 from vdev.protocol import VringAddress
-from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
+from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer, _Element
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.virtio.features import VirtioFeature
 from vdev.vring import Vring
@@ -148,6 +148,15 @@ class Rig:
         token = self.rings[2 * pair + 1].add(parts, [])
         self.kick(2 * pair + 1)
         return token
+
+    def send_aliased(self, pair: int, gpa: int, length: int, count: int) -> None:
+        """Transmit one chain of `count` descriptors that all point at the same `length`
+        bytes at `gpa`: a huge frame in little memory."""
+        ring = self.rings[2 * pair + 1]
+        ring._reserve(count)
+        elements = tuple(_Element(gpa, length, writable=False) for _ in range(count))
+        ring._publish(next(ring._tokens), elements, (), None)
+        self.kick(2 * pair + 1)
 
     async def wait_used(self, index: int, count: int, timeout: float = 5) -> list[UsedBuffer]:
         """The next `count` used buffers of queue `index` (fails after `timeout`)."""

@@ -259,7 +259,9 @@ class _RxQueue:
     #: Every chain the driver made available and no frame used yet, with its size: the
     #: worker sleeps only once the ring has nothing it has not taken.
     pool: deque[tuple[DescriptorChain, int]] = field(default_factory=deque)
+    #: Bytes and ring descriptors the pooled chains hold.
     space: int = 0
+    descs: int = 0
     #: The last pass found too few guest buffers: no frame is taken (not even from the
     #: fd, which is then not watched) until the driver posts more.
     starved: bool = False
@@ -428,7 +430,7 @@ class NetDevice(Device):
         # Give back the buffers held for frames that never came (0 bytes written).
         while rx.pool:
             queue.fill(rx.pool.popleft()[0], 0)
-        rx.space = 0
+        rx.space = rx.descs = 0
         queue.notify()
         rx.queue = None
         self._enable_backend_queue(pair, False)
@@ -503,8 +505,7 @@ class NetDevice(Device):
     @staticmethod
     def _tx_offload_requested(views: list[memoryview]) -> bool:
         """True if the driver asked for an offload we never offered (checksum, GSO)."""
-        first = views[0]
-        head = first[:2] if first.nbytes >= 2 else b"".join(views)[:2]
+        head = views[0] if views[0].nbytes >= 2 else b"".join(views)
         return bool(head[0] & _NEEDS_CSUM or head[1] != _GSO_NONE)
 
     # --- receive -----------------------------------------------------------------------
@@ -534,10 +535,13 @@ class NetDevice(Device):
     def _refill(self, queue: Queue, rx: _RxQueue) -> bool:
         """Pool every chain the driver made available; False if there was none."""
         chains = queue.pop_batch(POOL_MAX)
+        pool = rx.pool
         for chain in chains:
-            space = chain.writable_len
-            rx.pool.append((chain, space))
+            views = chain.writable
+            space = views[0].nbytes if len(views) == 1 else chain.writable_len
+            pool.append((chain, space))
             rx.space += space
+            rx.descs += chain.ndescs
         return bool(chains)
 
     def _reserve(self, queue: Queue, rx: _RxQueue, size: int) -> bool:
@@ -570,12 +574,13 @@ class NetDevice(Device):
             first[hdr_len:size] = frame
             pool.popleft()
             rx.space -= space
+            rx.descs -= chain.ndescs
             queue.fill(chain, size)
             rx.counters.frames += 1
             rx.counters.bytes += size - hdr_len
             return _Rx.PLACED
         if not self._reserve(queue, rx, size):
-            return _Rx.STARVED
+            return self._drop_rx("rx_no_buffers") if self._whole_ring(queue, rx) else _Rx.STARVED
         if size > (rx.space if self._mrg else pool[0][1]):  # the one chain is too small
             return self._drop_rx("rx_oversize")
         self._scatter(rx, frame, 0 if self._vnet else hdr_len)
@@ -589,7 +594,7 @@ class NetDevice(Device):
         taken from the fd is never one without buffers.
         """
         need = self._rx_need
-        if not self._reserve(queue, rx, need) and len(rx.pool) < queue.size:  # type: ignore[attr-defined]
+        if not self._reserve(queue, rx, need) and not self._whole_ring(queue, rx):
             return _Rx.STARVED
         assert rx.overflow is not None
         offered = 0
@@ -621,6 +626,11 @@ class NetDevice(Device):
                 return self._drop_rx("rx_no_buffers")
             self._scatter(rx, rx.overflow[: size - offered], offered)
         return self._commit(queue, rx, size)
+
+    @staticmethod
+    def _whole_ring(queue: Queue, rx: _RxQueue) -> bool:
+        """The pool holds every descriptor of the ring: the driver cannot post more."""
+        return rx.descs >= queue.size  # type: ignore[attr-defined]
 
     def _drop_rx(self, reason: str) -> _Rx:
         self._drops[reason] += 1
@@ -660,6 +670,7 @@ class NetDevice(Device):
         for _ in range(count):
             chain, space = rx.pool.popleft()
             rx.space -= space
+            rx.descs -= chain.ndescs
             written = min(space, left)
             queue.fill(chain, written)
             left -= written
