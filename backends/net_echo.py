@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vdev.backend import NetBackend
+from vdev.devices.net import MAX_TX_FRAME, frame_len
 
 
 class EchoBackend(NetBackend):
     """Returns each frame to the guest with source and destination MAC swapped."""
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        echo = bytearray().join(frame)
-        if len(echo) >= 12:
-            echo[0:6], echo[6:12] = echo[6:12], echo[0:6]
-        self.deliver(echo)
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int:
+        deliver = self.deliver
+        dropped = 0
+        for frame in frames:
+            if frame_len(frame) > MAX_TX_FRAME:
+                dropped += 1
+                continue
+            echo = bytearray(frame[0]) if len(frame) == 1 else bytearray().join(frame)
+            if len(echo) >= 12:
+                echo[0:12] = echo[6:12] + echo[0:6]
+            deliver(echo)
+        return dropped

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 
 from vdev.backend import BackendError, NetBackend
-from vdev.devices.net import parse_mac
+from vdev.devices.net import join_frame, parse_mac
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,17 @@ class ResponderBackend(NetBackend):
         self.echo_replies = 0
         self.ignored = 0
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        data = b"".join(frame)
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int:
+        dropped = 0
+        for frame in frames:
+            data = join_frame(frame)
+            if data is None:
+                dropped += 1
+            else:
+                self._answer(data)
+        return dropped
+
+    def _answer(self, data: bytes) -> None:
         reply = None
         if len(data) >= ETH.size:
             ethertype = data[12] << 8 | data[13]

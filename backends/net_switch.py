@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from vdev.backend import BackendError, NetBackend
+from vdev.devices.net import join_frame
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,15 @@ class SwitchPort(NetBackend):
         self.received = 0
         self.dropped = 0
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        data = b"".join(frame)
-        if len(data) >= 14 and self.switch is not None:
-            self.switch.forward(self, data)
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int:
+        dropped = 0
+        for frame in frames:
+            data = join_frame(frame)
+            if data is None or len(data) < 14 or self.switch is None:
+                dropped += 1
+            else:
+                self.switch.forward(self, data)
+        return dropped
 
     def receive(self, frame: bytes) -> None:
         """A frame from another port, for our guest."""

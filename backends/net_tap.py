@@ -2,7 +2,9 @@
 
 The TAP is opened with IFF_VNET_HDR, so frames cross with their virtio-net header and
 the kernel carries checksum and segmentation offloads both ways. Frames move with
-os.readv/os.writev straight between guest memory and the TAP: no copy in Python.
+os.readv/os.writev straight between guest memory and the TAP: no copy in Python. With
+several queue pairs the TAP is multi-queue (IFF_MULTI_QUEUE), one fd per pair, and the
+kernel spreads flows over the pairs' fds.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class TapBackend(NetBackend):
     """Frames to and from TAP interface `tap` (created, and removed at close, if missing).
 
     Options: `bridge` attaches the TAP to that bridge (created if missing); `netns`
-    puts everything in that existing network namespace; `mtu` sets the TAP's MTU;
-    `address` ("10.0.3.1/24") gives the host side of the TAP an IP address.
+    puts everything in that existing network namespace; `mtu` sets the TAP's MTU (the
+    front-end's NET_SET_MTU, later, wins); `address` ("10.0.3.1/24") gives the host
+    side of the TAP an IP address; `queues` (the device's queue pairs) opens that many
+    queues of a multi-queue TAP.
     """
 
     vnet_hdr = True
@@ -61,11 +65,16 @@ class TapBackend(NetBackend):
         netns: str | None = None,
         mtu: int | str | None = None,
         address: str | None = None,
+        queues: int | str = 1,
     ) -> None:
         self.tap = _checked("tap", tap)
         self.bridge = None if bridge is None else _checked("bridge", bridge)
         self.netns = netns
         self.mtu = _mtu_option(mtu)
+        try:
+            self.queues = parse_int(queues, 1, 256)
+        except ValueError as exc:
+            raise BackendError(f"queues: {exc}") from None
         if address is not None:
             try:
                 ipaddress.ip_interface(address)
@@ -74,9 +83,12 @@ class TapBackend(NetBackend):
         if netns is not None and not netsetup.netns_exists(netns):
             raise BackendError(f"netns: no network namespace named {netns!r}")
         self._created: list[str] = []
-        self._fd = -1
+        #: One fd per queue pair (a single one if the TAP is not multi-queue).
+        self._fds: list[int] = []
+        self._attached: list[bool] = []
         try:
-            self._fd = netsetup.in_netns(netns, lambda: self._setup(address))
+            self._fds = netsetup.in_netns(netns, lambda: self._setup(address))
+            self._attached = [True] * len(self._fds)
         except (OSError, NetlinkError, netsetup.NetSetupError) as exc:
             self._undo()
             raise BackendError(f"tap: cannot set up {tap!r}: {_reason(exc)}") from None
@@ -85,13 +97,14 @@ class TapBackend(NetBackend):
         self.set_features(0)
         log.info("TAP %s ready%s", tap, f" in netns {netns}" if netns else "")
 
-    def _setup(self, address: str | None) -> int:
-        """Create what is missing and open the TAP (runs inside the namespace)."""
+    def _setup(self, address: str | None) -> list[int]:
+        """Create what is missing and open the TAP's queues (runs inside the namespace)."""
         with IPRoute() as ipr:
+            multi_queue = self.queues > 1
             if netsetup.link_index(ipr, self.tap) is None:
-                netsetup.create_tap(ipr, self.tap)
+                netsetup.create_tap(ipr, self.tap, multi_queue=multi_queue)
                 self._created.append(self.tap)
-            fd = netsetup.open_tap(self.tap)
+            fds = self._open_queues(multi_queue)
             try:
                 if self.mtu is not None:
                     netsetup.set_mtu(ipr, self.tap, self.mtu)
@@ -105,9 +118,29 @@ class TapBackend(NetBackend):
                     netsetup.add_address(ipr, self.tap, address)
                 netsetup.set_up(ipr, self.tap)
             except BaseException:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
                 raise
-        return fd
+        return fds
+
+    def _open_queues(self, multi_queue: bool) -> list[int]:
+        """`queues` fds on a multi-queue TAP, or one on a TAP that is not."""
+        try:
+            first = netsetup.open_tap(self.tap, multi_queue=multi_queue)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not multi_queue:
+                raise
+            log.warning("TAP %s is not multi-queue: every pair receives on queue 0", self.tap)
+            return [netsetup.open_tap(self.tap)]
+        fds = [first]
+        try:
+            while len(fds) < self.queues:
+                fds.append(netsetup.open_tap(self.tap, multi_queue=True))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     def set_features(self, features: int) -> None:
         hdr_len = vnet_hdr_len(features)
@@ -116,26 +149,48 @@ class TapBackend(NetBackend):
             for feature, tun_flag in _TUN_OFFLOADS:
                 if features & feature:
                     offload |= tun_flag
-        if hdr_len != self._hdr_len:
-            netsetup.set_vnet_hdr_size(self._fd, hdr_len)
-            self._hdr_len = hdr_len
-        if offload != self._offload:
-            netsetup.set_offload(self._fd, offload)
-            self._offload = offload
+        for fd in self._fds:
+            if hdr_len != self._hdr_len:
+                netsetup.set_vnet_hdr_size(fd, hdr_len)
+            if offload != self._offload:
+                netsetup.set_offload(fd, offload)
+        self._hdr_len = hdr_len
+        self._offload = offload
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        os.writev(self._fd, frame)
+    def set_mtu(self, mtu: int) -> None:
+        try:
+            netsetup.with_iproute(self.netns, lambda ipr: netsetup.set_mtu(ipr, self.tap, mtu))
+        except NetlinkError as exc:
+            raise OSError(exc.code, _reason(exc)) from None
+        log.info("TAP %s: MTU %d, as the front-end set it", self.tap, mtu)
 
-    def fileno(self) -> int:
-        return self._fd
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int:
+        """One writev per frame (a TAP takes one frame per write); returns the failures."""
+        fd = self._fds[0]
+        failed = 0
+        for frame in frames:
+            try:
+                os.writev(fd, frame)
+            except OSError as exc:
+                failed += 1
+                log.debug("TAP %s: frame not sent: %s", self.tap, exc)
+        return failed
 
-    def receive_into(self, buffers: Sequence[memoryview]) -> int:
-        return os.readv(self._fd, buffers)
+    def fileno(self, pair: int = 0) -> int | None:
+        return self._fds[pair] if pair < len(self._fds) else None
+
+    def enable_queue(self, pair: int, enabled: bool) -> None:
+        if len(self._fds) > 1 and pair < len(self._fds) and self._attached[pair] != enabled:
+            netsetup.set_queue_attached(self._fds[pair], enabled)
+            self._attached[pair] = enabled
+
+    def receive_into(self, buffers: Sequence[memoryview], pair: int = 0) -> int:
+        return os.readv(self._fds[pair], buffers)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
         self._undo()
 
     def _undo(self) -> None:

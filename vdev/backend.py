@@ -82,9 +82,11 @@ class NetBackend:
     """An Ethernet port: frames the guest transmits, frames delivered to the guest.
 
     Required: `transmit`. A backend that produces frames on its own (a switch, a
-    responder) calls the `deliver` function it was given by `attach`. A backend backed
-    by a file descriptor (a TAP) may instead expose `fileno()` and `receive_into()`, and
-    the device then reads frames straight into guest buffers (zero copy).
+    responder) calls the `deliver` function it was given by `attach`, from any thread.
+    A backend backed by file descriptors (a TAP) may instead expose `fileno(pair)` and
+    `receive_into()`, and the device then reads frames straight into guest buffers
+    (zero copy), each queue pair from its own fd where the backend has one per pair.
+    Methods are called on the queue pair's worker thread, never on the event loop.
     """
 
     #: True: frames carry the 12-byte virtio_net_hdr_v1 in front, exactly as the guest
@@ -101,16 +103,36 @@ class NetBackend:
     def set_features(self, features: int) -> None:
         """The virtio-net features the guest accepted (to set TAP offloads, ...)."""
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        """Send one frame from the guest, given as a scatter list."""
+    def set_mtu(self, mtu: int) -> None:
+        """The front-end set the link MTU (NET_SET_MTU); a backend with a link applies it.
+
+        Called from a thread of its own, so it may block (netlink); raise `OSError`
+        if the link cannot take it.
+        """
+
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int | None:
+        """Send a batch of frames from the guest, each given as a scatter list.
+
+        Frames are at most 64 KiB plus headers (the device drops larger ones). Return
+        how many could not be sent (None: all were), or raise `OSError` if none was.
+        """
         raise NotImplementedError
 
-    def fileno(self) -> int | None:
-        """A non-blocking fd that is readable when `receive_into` has a frame, or None."""
+    def fileno(self, pair: int = 0) -> int | None:
+        """A non-blocking fd, readable when `receive_into(..., pair)` has a frame for
+        queue pair `pair`, or None (that pair then receives only what `deliver` gives)."""
         return None
 
-    def receive_into(self, buffers: Sequence[memoryview]) -> int:
-        """Read one frame into `buffers`; return its length. BlockingIOError if none."""
+    def enable_queue(self, pair: int, enabled: bool) -> None:
+        """Queue pair `pair` started or stopped receiving (a multi-queue TAP attaches or
+        detaches that pair's fd, so that the kernel steers no flow to a queue nobody
+        reads)."""
+
+    def receive_into(self, buffers: Sequence[memoryview], pair: int = 0) -> int:
+        """Read one frame of queue pair `pair` into `buffers`; return its length.
+
+        BlockingIOError if there is none.
+        """
         raise BlockingIOError
 
     def close(self) -> None:

@@ -41,12 +41,16 @@ class TunIoctl:
     TUNSETIFF = 0x400454CA
     TUNSETOFFLOAD = 0x400454D0
     TUNSETVNETHDRSZ = 0x400454D8
+    TUNSETQUEUE = 0x400454D9
 
 
 class TunFlag(IntFlag):
     """`ifr_flags` of TUNSETIFF."""
 
     IFF_TAP = 0x0002
+    IFF_MULTI_QUEUE = 0x0100
+    IFF_ATTACH_QUEUE = 0x0200
+    IFF_DETACH_QUEUE = 0x0400
     IFF_NO_PI = 0x1000
     IFF_VNET_HDR = 0x4000
 
@@ -140,9 +144,10 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return index
 
 
-def create_tap(ipr: IPRoute, ifname: str) -> None:
+def create_tap(ipr: IPRoute, ifname: str, *, multi_queue: bool = False) -> None:
     """Create a persistent TAP interface (it survives our fds until `remove_link`)."""
-    ipr.link("add", ifname=check_ifname(ifname), kind="tuntap", mode="tap")
+    extra = {"multi_queue": True} if multi_queue else {}
+    ipr.link("add", ifname=check_ifname(ifname), kind="tuntap", mode="tap", **extra)
 
 
 def create_bridge(ipr: IPRoute, ifname: str) -> None:
@@ -198,15 +203,19 @@ def add_address(ipr: IPRoute, ifname: str, address: str) -> None:
     )
 
 
-def open_tap(ifname: str, *, vnet_hdr: bool = True) -> int:
+def open_tap(ifname: str, *, vnet_hdr: bool = True, multi_queue: bool = False) -> int:
     """Open a non-blocking data fd on TAP `ifname` (created on the fly if missing).
 
+    With `multi_queue`, each fd opened is one more queue of a multi-queue TAP (EINVAL
+    if the TAP exists without IFF_MULTI_QUEUE, or with it and `multi_queue` is off).
     Call it inside the right namespace (`in_netns`): TUNSETIFF looks the name up in
     the calling thread's namespace.
     """
     flags = TunFlag.IFF_TAP | TunFlag.IFF_NO_PI
     if vnet_hdr:
         flags |= TunFlag.IFF_VNET_HDR
+    if multi_queue:
+        flags |= TunFlag.IFF_MULTI_QUEUE
     fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, TunIoctl.TUNSETIFF, _IFREQ.pack(check_ifname(ifname).encode(), flags))
@@ -224,3 +233,10 @@ def set_vnet_hdr_size(fd: int, size: int) -> None:
 def set_offload(fd: int, offload: TunOffload) -> None:
     """TUNSETOFFLOAD: which offloaded frames the TAP may deliver to us."""
     fcntl.ioctl(fd, TunIoctl.TUNSETOFFLOAD, int(offload))  # by value, not by pointer
+
+
+def set_queue_attached(fd: int, attached: bool) -> None:
+    """TUNSETQUEUE: attach or detach a multi-queue TAP's queue `fd` (a detached queue
+    gets no frames from the kernel)."""
+    flag = TunFlag.IFF_ATTACH_QUEUE if attached else TunFlag.IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TunIoctl.TUNSETQUEUE, _IFREQ.pack(b"", flag))

@@ -10,15 +10,15 @@ import struct
 from collections.abc import Sequence
 
 import trio
-import trio.testing
 
 from vdev.backend import NetBackend
 from vdev.devices.net import NET_HDR, NetDevice, NetFeature
 from vdev.protocol import VringAddress
-from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
+from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer, _Element
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.virtio.features import VirtioFeature
 from vdev.vring import Vring
+from vdev.worker import QueueWorkers
 
 BASE_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
 MAC_A = bytes.fromhex("525400000001")
@@ -102,10 +102,12 @@ class Rig:
 
     async def start(self, nursery: trio.Nursery, queues: Sequence[int] | None = None) -> None:
         self.device.set_features(self.features)
+        self.workers = QueueWorkers(self.device, nursery)
         for index in range(self.device.num_queues) if queues is None else queues:
-            await self.start_queue(nursery, index)
+            await self.start_queue(index)
+        await self.settle()  # the workers started the queues (frames are taken from now)
 
-    async def start_queue(self, nursery: trio.Nursery, index: int) -> Vring:
+    async def start_queue(self, index: int) -> Vring:
         ring = self.rings[index]
         vring = Vring(index)
         vring.size = ring.size
@@ -114,7 +116,7 @@ class Rig:
         vring.set_kick(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         vring.set_call(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         vring.started = vring.enabled = True
-        await vring.start(nursery, self.device, self.mem, self.features)
+        await vring.start(self.workers, self.mem, self.features)
         self.vrings.append(vring)
         return vring
 
@@ -147,6 +149,15 @@ class Rig:
         self.kick(2 * pair + 1)
         return token
 
+    def send_aliased(self, pair: int, gpa: int, length: int, count: int) -> None:
+        """Transmit one chain of `count` descriptors that all point at the same `length`
+        bytes at `gpa`: a huge frame in little memory."""
+        ring = self.rings[2 * pair + 1]
+        ring._reserve(count)
+        elements = tuple(_Element(gpa, length, writable=False) for _ in range(count))
+        ring._publish(next(ring._tokens), elements, (), None)
+        self.kick(2 * pair + 1)
+
     async def wait_used(self, index: int, count: int, timeout: float = 5) -> list[UsedBuffer]:
         """The next `count` used buffers of queue `index` (fails after `timeout`)."""
         pending = self.used[index]
@@ -176,9 +187,12 @@ class Rig:
             frames.append(data)
         return frames
 
-    async def settle(self) -> None:
-        """Let every task run until nothing is runnable."""
-        await trio.testing.wait_all_tasks_blocked()
+    async def settle(self, timeout: float = 5) -> None:
+        """Wait until every queue worker has gone to sleep (nothing left to do)."""
+        await trio.sleep(0.02)  # let the workers see what the test just did
+        with trio.fail_after(timeout):
+            while not all(v._worker is None or v._worker._sleeping for v in self.vrings):
+                await trio.sleep(0.002)
 
 
 class FdBackend(NetBackend):
@@ -195,13 +209,14 @@ class FdBackend(NetBackend):
     def set_features(self, features: int) -> None:
         self.features.append(features)
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        os.writev(self.sock.fileno(), frame)
+    def transmit(self, frames: list[Sequence[memoryview]]) -> None:
+        for frame in frames:
+            os.writev(self.sock.fileno(), frame)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def fileno(self, pair: int = 0) -> int | None:
+        return self.sock.fileno() if pair == 0 else None
 
-    def receive_into(self, buffers: Sequence[memoryview]) -> int:
+    def receive_into(self, buffers: Sequence[memoryview], pair: int = 0) -> int:
         return os.readv(self.sock.fileno(), buffers)
 
     def close(self) -> None:
@@ -217,5 +232,5 @@ class ListBackend(NetBackend):
         self.offload_features = offloads
         self.sent: list[bytes] = []
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
-        self.sent.append(b"".join(frame))
+    def transmit(self, frames: list[Sequence[memoryview]]) -> None:
+        self.sent += (b"".join(frame) for frame in frames)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 import struct
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 import trio
-import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from net_helpers import MAC_A, MAC_B, Rig, arp_request, eth_frame, icmp_echo, naive_checksum
@@ -24,9 +24,9 @@ MAC_C = bytes.fromhex("525400000003")
 _names = itertools.count()
 
 
-def mv(data: bytes) -> list[memoryview]:
-    """A frame as a device hands it over: a scatter list (cut in two here)."""
-    return [memoryview(data)[:7], memoryview(data)[7:]]
+def mv(data: bytes) -> list[list[memoryview]]:
+    """A batch of one frame as a device hands it over: a scatter list (cut in two)."""
+    return [[memoryview(data)[:7], memoryview(data)[7:]]]
 
 
 class Port:
@@ -137,7 +137,8 @@ async def test_three_devices_on_one_switch(switch_name: str) -> None:
             [f[12:] for f in await rig.receive(0, n)]
             for rig, n in zip(rigs, (2, 2, 3), strict=True)
         ]
-        await trio.testing.wait_all_tasks_blocked()
+        for rig in rigs:
+            await rig.settle()
         assert rigs[1].rings[0].get_used() == []  # B never saw the unicast
         for rig in rigs:
             await rig.stop()
@@ -242,3 +243,29 @@ async def test_guest_pings_responder_through_device() -> None:
 @given(st.binary(max_size=3000))
 def test_internet_checksum_matches_rfc1071(data: bytes) -> None:
     assert internet_checksum(data) == naive_checksum(data)
+
+
+# --- frames beyond any size limit ------------------------------------------------------
+
+
+def test_backends_that_join_frames_drop_huge_ones_first(switch_name: str) -> None:
+    """A 512 MiB scatter list (1024 views of one 512 KiB buffer) is never joined."""
+    piece = memoryview(bytearray(512 << 10))
+    huge = [[piece] * 1024]
+    port, peer = Port(switch_name), Port(switch_name)
+    responder, replies = make_responder()
+    echo = EchoBackend()
+    echoed: list[bytes | memoryview] = []
+    echo.attach(lambda frame: echoed.append(frame) is None)
+    tracemalloc.start()
+    try:
+        assert port.backend.transmit(huge) == 1
+        assert responder.transmit(huge) == 1
+        assert echo.transmit(huge) == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    assert peer.got == replies == echoed == []
+    port.backend.close()
+    peer.backend.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import tracemalloc
 
 import pytest
 import trio
@@ -106,7 +107,8 @@ async def test_mrg_rxbuf_spreads_a_frame_over_chains(packed: bool) -> None:
     data = b"".join(b"".join(u.data) for u in used)
     assert hdr_fields(data) == (0, 0, 0, 0, 0, 0, 5)
     assert data[12:] == frame
-    assert len(rig.rings[0].get_used()) == 0  # the sixth chain was returned at stop
+    [unused] = rig.rings[0].get_used()  # the pooled sixth chain, given back at stop
+    assert unused.written == 0
     assert device.stats()["rx0_frames"] == 1
 
 
@@ -465,3 +467,106 @@ def test_options_as_text_from_the_command_line() -> None:
     assert not device.features() & NetFeature.MRG_RXBUF
     with pytest.raises(ValueError, match="mrg_rxbuf:"):
         NetDevice(ListBackend(), mrg_rxbuf="maybe")
+
+
+# --- size caps and buffer reservation (issue 11, items 6 and 10) ------------------------
+
+
+async def test_a_512_mib_tx_chain_is_dropped_without_copying_it() -> None:
+    device = NetDevice(EchoBackend())
+    rig = Rig(device, features=MRG, size=1024, mem_size=4 << 20)
+    piece = 512 << 10
+    buffer = rig.mem.alloc(piece)
+    ok = eth_frame(MAC_B, MAC_A, b"small")
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            await rig.start(nursery)
+            rig.add_rx(0, [2048], count=4)
+            rig.send_aliased(0, buffer, piece, 1024)  # 512 MiB in one frame
+            await rig.wait_used(1, 1)
+            rig.send(0, ok)
+            await rig.wait_used(1, 1)
+            [echo] = await rig.receive(0)
+            await rig.stop()
+            nursery.cancel_scope.cancel()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # nothing near the frame's size was allocated
+    assert echo[12:] == swapped(ok)
+    stats = device.stats()
+    assert stats["drop_tx_oversize"] == 1 and stats["tx0_frames"] == 1
+
+
+@pytest.mark.parametrize(
+    ("features", "mtu", "allowed"),
+    [
+        (NetFeature.MTU, 1500, 1500 + 18),  # the MTU the driver agreed to keep
+        (NetFeature.MTU | NetFeature.CSUM | NetFeature.HOST_TSO4, 1500, 65535 + 18),  # GSO
+        (0, 1500, 65535 + 18),  # no MTU promised: any frame up to 64 KiB
+    ],
+    ids=["mtu", "mtu-gso", "no-mtu"],
+)
+async def test_tx_frames_are_capped_by_the_features(features: int, mtu: int, allowed: int) -> None:
+    backend = ListBackend(vnet_hdr=True, offloads=int(NetFeature.CSUM | NetFeature.HOST_TSO4))
+    device = NetDevice(backend, mtu=mtu)
+    rig = Rig(device, features=MRG | features, size=256)
+    fits = eth_frame(MAC_B, MAC_A, bytes(allowed - 14))
+    too_big = fits + b"!"
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        rig.send(0, fits, split=1000)
+        rig.send(0, too_big, split=1000)
+        await rig.wait_used(1, 2)
+        await rig.stop()
+        nursery.cancel_scope.cancel()
+    assert [len(f) - 12 for f in backend.sent] == [allowed]
+    assert device.stats()["drop_tx_oversize"] == 1
+
+
+GSO = NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4
+
+
+async def test_gso_frames_wait_for_buffers_instead_of_being_dropped() -> None:
+    """A frame is taken from the fd only once 64 KiB of buffers are pooled."""
+    backend = FdBackend(vnet_hdr=True, offloads=int(GSO))
+    device = NetDevice(backend)
+    rig = Rig(device, features=MRG | GSO, size=256)
+    header = NET_HDR.pack(HdrFlag.NEEDS_CSUM, GsoType.TCPV4, 54, 1448, 34, 16, 0)
+    frames = [eth_frame(MAC_A, MAC_B, bytes([i]) * 60000, 0x0800) for i in range(3)]
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        rig.add_rx(0, [1536], count=10)  # 15 KiB: room for none of them
+        for frame in frames:
+            backend.peer.send(header + frame)
+        await rig.settle()
+        assert rig.rings[0].get_used() == []  # still in the fd, not dropped
+        got = []
+        for _ in range(6):  # the driver posts more, a few at a time
+            rig.add_rx(0, [1536], count=40)
+            await rig.settle()
+            while rig.rings[0].has_used() and len(got) < 3:
+                got += await rig.receive(0)
+        await rig.stop()
+        nursery.cancel_scope.cancel()
+    assert [g[12:] for g in got] == frames
+    assert all(hdr_fields(g)[:2] == (HdrFlag.NEEDS_CSUM, GsoType.TCPV4) for g in got)
+    assert not any(k.startswith("drop_") for k in device.stats())
+    backend.close()
+
+
+async def test_a_ring_smaller_than_the_reserve_still_receives() -> None:
+    backend = FdBackend(vnet_hdr=True, offloads=int(GSO))
+    device = NetDevice(backend)
+    rig = Rig(device, features=MRG | GSO, size=16)
+    frame = eth_frame(MAC_A, MAC_B, b"small ring")
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        rig.add_rx(0, [1536], count=16)  # the whole ring: 24 KiB, less than 64 KiB
+        backend.peer.send(bytes(12) + frame)
+        [got] = await rig.receive(0)
+        await rig.stop()
+        nursery.cancel_scope.cancel()
+    assert got[12:] == frame
+    backend.close()

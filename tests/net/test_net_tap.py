@@ -194,7 +194,7 @@ def test_tap_frames_without_a_device(ns: str) -> None:
     backend = TapBackend(tap=unique_tap(), netns=ns, address=f"{HOST_IP}/24")
     backend.set_features(int(NetFeature.MRG_RXBUF))
     request = arp_request(MAC_A, GUEST_IP, HOST_IP)
-    backend.transmit([memoryview(bytes(12)), memoryview(request)])
+    assert backend.transmit([[memoryview(bytes(12)), memoryview(request)]]) == 0
     buf = bytearray(2048)
     for _ in range(200):
         try:

@@ -8,11 +8,15 @@ neutral one in front of received frames, unless the backend sets `vnet_hdr` (a T
 opened with IFF_VNET_HDR): then the header travels untouched and the checksum and
 segmentation offloads the backend supports are offered to the driver.
 
-Receive side: frames the backend gives to `deliver` wait in a bounded backlog per
-receive queue; a backend with `fileno()` is read straight into the guest's buffers
-(zero copy) by receive queue 0 whenever its fd is readable. Without buffers the queue
-sleeps until the driver kicks. A frame too large for the guest's buffers is dropped
-and counted, never truncated.
+Each queue pair is served by one worker thread (`vdev.worker`). Transmit: a batch of
+chains becomes one `transmit(frames)` call; a frame larger than the negotiated features
+allow is dropped before anything is copied. Receive: the queue pools every buffer the
+driver posts; frames the backend gives to `deliver` (from any thread) wait in a bounded
+backlog per receive queue, and a backend with `fileno(pair)` is read straight into the
+guest's buffers (zero copy), each pair from its own fd, but only once room for the
+largest frame it may hand us is pooled (so no frame is taken and then dropped). Without
+buffers the queue sleeps until the driver kicks. A frame too large for the guest's
+buffers is dropped and counted, never truncated.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import struct
 import threading
 import zlib
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag, auto
 from typing import ClassVar
@@ -79,6 +84,8 @@ OFFLOAD_FEATURES = (
 )
 #: Offloads that hand the driver frames larger than the MTU.
 GUEST_GSO = NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO
+#: Offloads that let the driver send frames larger than the MTU.
+HOST_GSO = NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6 | NetFeature.HOST_UFO
 
 
 class NetStatus(IntFlag):
@@ -123,10 +130,16 @@ ETH_HLEN = 14
 VLAN_HLEN = 4
 #: The largest frame a driver may receive: a 64 KiB IP packet (GSO) in a tagged frame.
 MAX_FRAME = 0xFFFF + ETH_HLEN + VLAN_HLEN
+#: ... and the largest a backend is handed, with a virtio-net header in front.
+MAX_TX_FRAME = MAX_FRAME + NET_HDR.size
 DEFAULT_MTU = 1500
 MIN_MTU = 68
-#: Frames placed per pass before yielding to other tasks (and notifying the driver).
-RX_BATCH = 64
+#: Frames placed per pass over a receive queue (then the driver is notified).
+RX_BATCH = 256
+#: Chains taken from a transmit ring per pass.
+TX_BATCH = 256
+#: More chains than any ring has: a receive queue pools all the driver offers.
+POOL_MAX = 0x8000
 
 
 def vnet_hdr_len(features: int) -> int:
@@ -190,11 +203,11 @@ def flow_hash(frame: bytes | memoryview) -> int:
     return 0
 
 
-def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
     """`views` without their first `n` bytes."""
     first = views[0]
     if first.nbytes > n:
-        return [first[n:], *views[1:]] if n else views
+        return [first[n:], *views[1:]] if n else list(views)
     out: list[memoryview] = []
     for view in views:
         if n >= view.nbytes:
@@ -205,13 +218,24 @@ def _skip(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
+def frame_len(frame: Sequence[memoryview]) -> int:
+    """Bytes in a scatter list (summed, nothing copied)."""
+    return frame[0].nbytes if len(frame) == 1 else sum(v.nbytes for v in frame)
+
+
+def join_frame(frame: Sequence[memoryview]) -> bytes | None:
+    """A copy of a transmitted frame in one piece, or None (nothing copied) if it is
+    larger than any frame may be (for backends that look into frames)."""
+    return None if frame_len(frame) > MAX_TX_FRAME else b"".join(frame)
+
+
 class _Rx(IntEnum):
     """Outcome of placing one frame into a receive queue."""
 
     PLACED = auto()
     DROPPED = auto()
-    STARVED = auto()  # no guest buffers: wait for a kick
-    EMPTY = auto()  # the backend has no frame
+    STARVED = auto()  # not enough guest buffers: wait for a kick
+    EMPTY = auto()  # the backend fd has no frame
 
 
 @dataclass(slots=True)
@@ -222,26 +246,27 @@ class _Counters:
 
 @dataclass(slots=True, eq=False)
 class _RxQueue:
-    """State of one receive queue."""
+    """State of one receive queue (used on its worker thread, `frames` from any)."""
 
     pair: int
+    #: Frames delivered by the backend (from any thread), waiting for guest buffers.
     frames: deque[bytes | bytearray] = field(default_factory=deque)
     counters: _Counters = field(default_factory=_Counters)
     #: Set while the queue runs.
     queue: Queue | None = None
-    #: The backend fd this queue reads (queue 0 of a backend with `fileno()`).
+    #: The backend fd this queue reads (`fileno(pair)`), if any.
     fd: int | None = None
-    #: Chains popped for frames and not used yet, with their writable size.
+    #: Every chain the driver made available and no frame used yet, with its size: the
+    #: worker sleeps only once the ring has nothing it has not taken.
     pool: deque[tuple[DescriptorChain, int]] = field(default_factory=deque)
+    #: Bytes and ring descriptors the pooled chains hold.
     space: int = 0
-    #: Cancelled to wake the queue's task when frames arrive.
-    wake_scope: trio.CancelScope | None = None
+    descs: int = 0
+    #: The last pass found too few guest buffers: no frame is taken (not even from the
+    #: fd, which is then not watched) until the driver posts more.
+    starved: bool = False
     #: Catches the part of a backend frame beyond the buffers offered (fd path).
     overflow: memoryview | None = None
-
-    def wake(self) -> None:
-        if self.wake_scope is not None:
-            self.wake_scope.cancel()
 
 
 class NetDevice(Device):
@@ -281,11 +306,13 @@ class NetDevice(Device):
             raise ValueError(f"mrg_rxbuf: {exc}") from None
         self._rx = [_RxQueue(pair) for pair in range(pairs)]
         self._tx = [_Counters() for _ in range(pairs)]
-        self._active_rx: list[_RxQueue] = []
+        #: Running receive queues (replaced whole, so other threads read a snapshot),
+        #: and which of them each worker thread serves.
+        self._active_rx: tuple[_RxQueue, ...] = ()
+        self._rx_of_thread: dict[int, _RxQueue] = {}
+        self._rx_lock = threading.Lock()
         self._drops: Counter[str] = Counter()
         self._rarp_sent = 0
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._trio_thread: int | None = None
         self._configure(0)
         backend.attach(self._deliver)
 
@@ -322,16 +349,22 @@ class NetDevice(Device):
         self._configure(0)
 
     def _configure(self, features: int) -> None:
-        self._hdr_len = vnet_hdr_len(features)
+        hdr_len = self._hdr_len = vnet_hdr_len(features)
         self._mrg = bool(features & NetFeature.MRG_RXBUF)
         self._vnet = self.backend.vnet_hdr
-        #: Bytes of buffers gathered before reading the backend fd: an MTU-sized frame
-        #: (bigger ones spill into the overflow buffer and are copied into more chains).
-        self._rx_need = self._hdr_len + (self.mtu or DEFAULT_MTU) + ETH_HLEN + VLAN_HLEN
-        self._rx_hdr = bytearray(self._hdr_len)
+        link = (self.mtu or DEFAULT_MTU) + ETH_HLEN + VLAN_HLEN
+        #: Largest frame the driver may send: 64 KiB with a segmentation offload, or
+        #: without an MTU it promised to keep (VIRTIO_NET_F_MTU), else the MTU's.
+        mtu_bound = features & NetFeature.MTU and not features & HOST_GSO
+        self._tx_max = hdr_len + (link if mtu_bound else MAX_FRAME)
+        #: Bytes of buffers gathered before a frame is taken from the backend fd: the
+        #: largest frame the backend may hand us (64 KiB with the guest's GSO offloads),
+        #: so that a frame read is never one without room.
+        self._rx_need = hdr_len + (MAX_FRAME if features & GUEST_GSO else link)
+        self._rx_hdr = bytearray(hdr_len)
         #: The header of a received frame in one buffer (num_buffers 1 where it exists).
-        self._rx_hdr_single = bytes(self._hdr_len)
-        if self._hdr_len == NET_HDR.size:
+        self._rx_hdr_single = bytes(hdr_len)
+        if hdr_len == NET_HDR.size:
             self._rx_hdr_single = NET_HDR.pack(0, _GSO_NONE, 0, 0, 0, 0, 1)
 
     async def handle_message(self, request: int, payload: object) -> object:
@@ -343,9 +376,15 @@ class NetDevice(Device):
         if request == Request.NET_SET_MTU:
             if not isinstance(payload, int) or not MIN_MTU <= payload <= 0xFFFF:
                 raise DeviceError(f"NET_SET_MTU: MTU {payload} outside {MIN_MTU}..65535")
-            log.info("front-end set the MTU to %d", payload)
+            if payload != self.mtu:
+                log.info("front-end set the MTU to %d (was %s)", payload, self.mtu)
             self.mtu = payload
             self._configure(self.acked_features)
+            try:
+                await trio.to_thread.run_sync(self.backend.set_mtu, payload)
+            except OSError as exc:
+                msg = f"NET_SET_MTU: the backend cannot take MTU {payload}: {exc}"
+                raise DeviceError(msg) from None
             return None
         return await super().handle_message(request, payload)
 
@@ -354,174 +393,223 @@ class NetDevice(Device):
         if self._vnet:
             frame = bytes(self._hdr_len) + frame
         try:
-            self.backend.transmit([memoryview(frame)])
+            self.backend.transmit([[memoryview(frame)]])
         except OSError as exc:
             log.warning("RARP announce of %s failed: %s", format_mac(mac), exc)
             return
         self._rarp_sent += 1
         log.info("announced %s (RARP)", format_mac(mac))
 
-    # --- queues ------------------------------------------------------------------------
+    # --- queues (on the pair's worker thread) ------------------------------------------
 
-    async def run_queue(self, queue: Queue) -> None:
+    def queue_group(self, index: int) -> int:
+        return index // 2
+
+    def start_queue(self, queue: Queue) -> None:
         pair, is_tx = divmod(queue.index, 2)
         if is_tx:
-            await queue.serve(self._transmit)
-        else:
-            await self._run_rx(queue, self._rx[pair])
+            return
+        rx = self._rx[pair]
+        rx.queue = queue
+        rx.starved = False
+        rx.fd = self.backend.fileno(pair)
+        self._enable_backend_queue(pair, True)
+        if rx.fd is not None and rx.overflow is None:
+            rx.overflow = memoryview(bytearray(NET_HDR.size + MAX_FRAME + 1))
+        with self._rx_lock:
+            self._active_rx = (*self._active_rx, rx)
+            self._rx_of_thread[threading.get_ident()] = rx
 
-    def _transmit(self, queue: Queue) -> None:
-        counters = self._tx[queue.index // 2]
+    def stop_queue(self, queue: Queue) -> None:
+        pair, is_tx = divmod(queue.index, 2)
+        rx = self._rx[pair]
+        if is_tx or rx.queue is None:
+            return
+        with self._rx_lock:
+            self._active_rx = tuple(r for r in self._active_rx if r is not rx)
+            self._rx_of_thread.pop(threading.get_ident(), None)
+        # Give back the buffers held for frames that never came (0 bytes written).
+        while rx.pool:
+            queue.fill(rx.pool.popleft()[0], 0)
+        rx.space = rx.descs = 0
+        queue.notify()
+        rx.queue = None
+        self._enable_backend_queue(pair, False)
+
+    def _enable_backend_queue(self, pair: int, enabled: bool) -> None:
+        try:
+            self.backend.enable_queue(pair, enabled)
+        except OSError as exc:
+            log.warning(
+                "pair %d: the backend cannot %s its queue: %s",
+                pair,
+                "attach" if enabled else "detach",
+                exc,
+            )
+
+    def handle(self, queue: Queue) -> None:
+        pair, is_tx = divmod(queue.index, 2)
+        if is_tx:
+            self._transmit(queue, self._tx[pair])
+        else:
+            self._receive(queue, self._rx[pair])
+
+    def has_work(self, queue: Queue) -> bool:
+        pair, is_tx = divmod(queue.index, 2)
+        rx = self._rx[pair]
+        return not is_tx and bool(rx.frames) and not rx.starved
+
+    def wait_fds(self, queue: Queue) -> Sequence[int]:
+        pair, is_tx = divmod(queue.index, 2)
+        rx = self._rx[pair]
+        if is_tx or rx.fd is None or rx.starved:
+            return ()
+        return (rx.fd,)
+
+    # --- transmit ----------------------------------------------------------------------
+
+    def _transmit(self, queue: Queue, counters: _Counters) -> None:
+        """Hand a batch of the driver's frames to the backend, then complete them."""
+        chains = queue.pop_batch(TX_BATCH)
+        if not chains:
+            return
         hdr_len = self._hdr_len
         vnet = self._vnet
-        transmit = self.backend.transmit
-        pushed = False
-        while (chain := queue.pop()) is not None:
-            pushed = True
+        tx_max = self._tx_max
+        frames: list[Sequence[memoryview]] = []
+        size = 0
+        for chain in chains:
             views = chain.readable
-            size = chain.readable_len - hdr_len
-            if size < 0 or (not vnet and self._tx_offload_requested(views)):
-                self._drops["tx_malformed" if size < 0 else "tx_offload"] += 1
+            length = frame_len(views) if views else 0
+            if length > tx_max:  # counted before anything is copied or joined
+                self._drops["tx_oversize"] += 1
+            elif length < hdr_len:
+                self._drops["tx_malformed"] += 1
+            elif not vnet and self._tx_offload_requested(views):
+                self._drops["tx_offload"] += 1
             else:
-                try:
-                    transmit(views if vnet else _skip(views, hdr_len))
-                    counters.frames += 1
-                    counters.bytes += size
-                except OSError as exc:
-                    self._drops["tx_backend_error"] += 1
-                    log.debug("queue %d: backend transmit failed: %s", queue.index, exc)
-            queue.push(chain, 0)  # only now may the driver reuse the buffers
-        if pushed:
-            queue.notify()
+                frames.append(views if vnet else _skip(views, hdr_len))
+                size += length - hdr_len
+        if frames:
+            try:
+                dropped = self.backend.transmit(frames) or 0
+            except OSError as exc:
+                dropped = len(frames)
+                log.debug("queue %d: backend transmit failed: %s", queue.index, exc)
+            self._drops["tx_backend_error"] += dropped
+            counters.frames += len(frames) - dropped
+            counters.bytes += size
+        for chain in chains:  # only now may the driver reuse the buffers
+            queue.fill(chain, 0)
+        queue.notify()
 
     @staticmethod
     def _tx_offload_requested(views: list[memoryview]) -> bool:
         """True if the driver asked for an offload we never offered (checksum, GSO)."""
-        first = views[0]
-        head = first[:2] if first.nbytes >= 2 else b"".join(views)[:2]
+        head = views[0] if views[0].nbytes >= 2 else b"".join(views)
         return bool(head[0] & _NEEDS_CSUM or head[1] != _GSO_NONE)
 
-    async def _run_rx(self, queue: Queue, rx: _RxQueue) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
-        self._trio_thread = threading.get_ident()
-        rx.queue = queue
-        rx.fd = self.backend.fileno() if rx.pair == 0 else None
-        if rx.fd is not None and rx.overflow is None:
-            rx.overflow = memoryview(bytearray(NET_HDR.size + MAX_FRAME + 1))
-        self._active_rx.append(rx)
-        try:
-            while True:
-                state = self._fill(rx)
-                if state is _Rx.STARVED:
-                    await queue.wait_kick()
-                elif state is _Rx.PLACED:  # batch budget used up: let others run
-                    await trio.lowlevel.checkpoint()
-                else:
-                    with trio.CancelScope() as rx.wake_scope:
-                        if rx.fd is None:
-                            await trio.sleep_forever()
-                        else:
-                            await trio.lowlevel.wait_readable(rx.fd)
-                    rx.wake_scope = None
-        finally:
-            self._active_rx.remove(rx)
-            rx.wake_scope = None
-            self._release_pool(rx)
-            rx.queue = None
+    # --- receive -----------------------------------------------------------------------
 
-    def _release_pool(self, rx: _RxQueue) -> None:
-        """Give back the buffers held for frames that never came (0 bytes written)."""
-        queue = rx.queue
-        if not rx.pool or queue is None:
-            return
-        while rx.pool:
-            queue.push(rx.pool.popleft()[0], 0)
-        rx.space = 0
-        queue.notify()
-
-    def _fill(self, rx: _RxQueue) -> _Rx:
-        """Place frames until the backend or the guest's buffers run dry (or the batch
-        budget is spent: PLACED). Returns EMPTY (wait for frames) or STARVED."""
-        assert rx.queue is not None
-        state = _Rx.PLACED
-        pushed = False
-        for _ in range(RX_BATCH):
+    def _receive(self, queue: Queue, rx: _RxQueue) -> None:
+        """Place delivered frames, then frames read from the backend fd, until either
+        runs dry, the guest's buffers do or `RX_BATCH` is placed; publish, notify once."""
+        self._refill(queue, rx)
+        done = 0
+        result = _Rx.EMPTY
+        while done < RX_BATCH:
             if rx.frames:
-                result = self._place(rx, rx.frames[0])
+                result = self._place(queue, rx, rx.frames[0])
                 if result is not _Rx.STARVED:
                     rx.frames.popleft()
             elif rx.fd is not None:
-                result = self._receive(rx)
+                result = self._read(queue, rx)
             else:
                 result = _Rx.EMPTY
             if result is _Rx.STARVED or result is _Rx.EMPTY:
-                state = result
                 break
-            pushed |= result is _Rx.PLACED
-        if pushed:
-            rx.queue.notify()
-        return state
+            done += 1
+        rx.starved = result is _Rx.STARVED
+        if done:
+            queue.notify()
 
-    def _reserve(self, rx: _RxQueue, size: int) -> bool:
-        """Pool enough chains for `size` bytes (one chain without MRG_RXBUF); False if
-        the ring ran dry first."""
-        queue = rx.queue
-        assert queue is not None
-        target = size if self._mrg else 1
-        while (rx.space if self._mrg else len(rx.pool)) < target:
-            chain = queue.pop()
-            if chain is None:
-                return False
-            space = chain.writable_len
-            rx.pool.append((chain, space))
+    def _refill(self, queue: Queue, rx: _RxQueue) -> bool:
+        """Pool every chain the driver made available; False if there was none."""
+        chains = queue.pop_batch(POOL_MAX)
+        pool = rx.pool
+        for chain in chains:
+            views = chain.writable
+            space = views[0].nbytes if len(views) == 1 else chain.writable_len
+            pool.append((chain, space))
             rx.space += space
-        return True
+            rx.descs += chain.ndescs
+        return bool(chains)
 
-    def _place(self, rx: _RxQueue, frame: bytes | bytearray) -> _Rx:
+    def _reserve(self, queue: Queue, rx: _RxQueue, size: int) -> bool:
+        """True if the pool holds room for `size` bytes (in its first chain without
+        MRG_RXBUF), refilled from the ring if need be."""
+        pool = rx.pool
+        while True:
+            if self._mrg:
+                if rx.space >= size:
+                    return True
+            elif pool:
+                return True
+            if not self._refill(queue, rx):
+                return False
+
+    def _place(self, queue: Queue, rx: _RxQueue, frame: bytes | bytearray) -> _Rx:
         """Copy a delivered frame into the guest's buffers."""
         hdr_len = self._hdr_len
         size = len(frame) if self._vnet else hdr_len + len(frame)
         if size > hdr_len + MAX_FRAME or size < hdr_len:
             return self._drop_rx("rx_oversize" if size > hdr_len else "rx_malformed")
-        if not rx.pool and not self._vnet:
-            # Fast path: a frame that fits the first buffer of the next chain.
-            queue = rx.queue
-            assert queue is not None
-            chain = queue.pop()
-            if chain is None:
-                return _Rx.STARVED
-            first = chain.writable[0] if chain.writable else None
-            if first is not None and first.nbytes >= size:
-                first[:hdr_len] = self._rx_hdr_single
-                first[hdr_len:size] = frame
-                queue.push(chain, size)
-                rx.counters.frames += 1
-                rx.counters.bytes += size - hdr_len
-                return _Rx.PLACED
-            space = chain.writable_len
-            rx.pool.append((chain, space))
-            rx.space += space
-        if not self._reserve(rx, size):
+        pool = rx.pool
+        if not pool and not self._refill(queue, rx):
             return _Rx.STARVED
-        if size > rx.space:  # without MRG_RXBUF: the one chain is too small
+        chain, space = pool[0]
+        if not self._vnet and space >= size and chain.writable[0].nbytes >= size:
+            # Fast path: header and frame in the first buffer of the next chain.
+            first = chain.writable[0]
+            first[:hdr_len] = self._rx_hdr_single
+            first[hdr_len:size] = frame
+            pool.popleft()
+            rx.space -= space
+            rx.descs -= chain.ndescs
+            queue.fill(chain, size)
+            rx.counters.frames += 1
+            rx.counters.bytes += size - hdr_len
+            return _Rx.PLACED
+        if not self._reserve(queue, rx, size):
+            return self._drop_rx("rx_no_buffers") if self._whole_ring(queue, rx) else _Rx.STARVED
+        if size > (rx.space if self._mrg else pool[0][1]):  # the one chain is too small
             return self._drop_rx("rx_oversize")
-        self._scatter(rx, frame, 0 if self._vnet else self._hdr_len)
-        return self._commit(rx, size)
+        self._scatter(rx, frame, 0 if self._vnet else hdr_len)
+        return self._commit(queue, rx, size)
 
-    def _receive(self, rx: _RxQueue) -> _Rx:
-        """Read one frame from the backend fd straight into the guest's buffers."""
-        if not self._reserve(rx, self._rx_need):
+    def _read(self, queue: Queue, rx: _RxQueue) -> _Rx:
+        """Read one frame from the backend fd straight into the guest's buffers.
+
+        Nothing is read before the pool holds room for the largest frame the backend
+        may hand us (`_rx_need`), or the driver's whole ring if that is less: a frame
+        taken from the fd is never one without buffers.
+        """
+        need = self._rx_need
+        if not self._reserve(queue, rx, need) and not self._whole_ring(queue, rx):
             return _Rx.STARVED
         assert rx.overflow is not None
-        offered = rx.space
+        offered = 0
         iov: list[memoryview] = []
-        for chain, _ in rx.pool:
-            iov.extend(chain.writable)
+        for chain, space in rx.pool:
+            iov += chain.writable
+            offered += space
+            if offered >= need or not self._mrg:
+                break
         if not self._vnet:
             iov = _skip(iov, self._hdr_len)
         iov.append(rx.overflow)
         try:
-            n = self.backend.receive_into(iov)
+            n = self.backend.receive_into(iov, rx.pair)
         except BlockingIOError:
             return _Rx.EMPTY
         except OSError as exc:
@@ -535,10 +623,15 @@ class NetDevice(Device):
         if size > offered:
             if not self._mrg:
                 return self._drop_rx("rx_oversize")
-            if not self._reserve(rx, size):
+            if not self._reserve(queue, rx, size):
                 return self._drop_rx("rx_no_buffers")
             self._scatter(rx, rx.overflow[: size - offered], offered)
-        return self._commit(rx, size)
+        return self._commit(queue, rx, size)
+
+    @staticmethod
+    def _whole_ring(queue: Queue, rx: _RxQueue) -> bool:
+        """The pool holds every descriptor of the ring: the driver cannot post more."""
+        return rx.descs >= queue.size  # type: ignore[attr-defined]
 
     def _drop_rx(self, reason: str) -> _Rx:
         self._drops[reason] += 1
@@ -558,10 +651,8 @@ class NetDevice(Device):
             if done == src.nbytes:
                 return
 
-    def _commit(self, rx: _RxQueue, size: int) -> _Rx:
+    def _commit(self, queue: Queue, rx: _RxQueue, size: int) -> _Rx:
         """Complete the pooled chains holding a `size`-byte frame (header included)."""
-        queue = rx.queue
-        assert queue is not None
         count = 0
         covered = 0
         for _, space in rx.pool:
@@ -580,8 +671,9 @@ class NetDevice(Device):
         for _ in range(count):
             chain, space = rx.pool.popleft()
             rx.space -= space
+            rx.descs -= chain.ndescs
             written = min(space, left)
-            queue.push(chain, written)
+            queue.fill(chain, written)
             left -= written
         rx.counters.frames += 1
         rx.counters.bytes += size - self._hdr_len
@@ -590,23 +682,25 @@ class NetDevice(Device):
     # --- frames from the backend -------------------------------------------------------
 
     def _deliver(self, frame: bytes | memoryview) -> bool:
-        """The backend's DeliverFn: queue `frame` for a receive queue (any thread)."""
-        active = self._active_rx
-        if not active:
-            self._drops["rx_not_ready"] += 1
-            return False
-        rx = active[flow_hash(frame) % len(active)] if len(active) > 1 else active[0]
+        """The backend's DeliverFn (any thread): queue `frame` for a receive queue.
+
+        A frame delivered on a pair's worker thread (an echo of what that pair sent)
+        stays on that pair; others go where their flow hashes.
+        """
+        rx = self._rx_of_thread.get(threading.get_ident())
+        if rx is None:
+            active = self._active_rx
+            if not active:
+                self._drops["rx_not_ready"] += 1
+                return False
+            rx = active[flow_hash(frame) % len(active)] if len(active) > 1 else active[0]
         if len(rx.frames) >= self.rx_backlog:
             self._drops["rx_backlog_full"] += 1
             return False
         rx.frames.append(bytes(frame) if isinstance(frame, memoryview) else frame)
-        if threading.get_ident() == self._trio_thread:
-            rx.wake()
-        elif self._trio_token is not None:
-            try:
-                self._trio_token.run_sync_soon(rx.wake)
-            except trio.RunFinishedError:
-                return False
+        queue = rx.queue
+        if queue is not None:
+            queue.wake()
         return True
 
     def close(self) -> None:

@@ -250,7 +250,10 @@ class _NetService:
         self.backend = backend
         self.tx, self.rx = rings
         self.control = control
-        self.fd = backend.fileno()
+        #: The backend's receive fds (one per queue pair of a multi-queue TAP) -> pair.
+        self.fds: dict[int, int] = {}
+        while (fd := backend.fileno(len(self.fds))) is not None and fd not in self.fds:
+            self.fds[fd] = len(self.fds)
         self._control_fd = -1
         self._poller = select.epoll()
         self._fd_watched = False
@@ -262,24 +265,35 @@ class _NetService:
         backend.attach(self.deliver)
 
     def drain(self) -> bool:
-        busy = False
         queue = self.tx.queue
         queue.disable_kicks()
+        chains: list[DescriptorChain] = []
+        frames: list[Sequence[memoryview]] = []
         while (chain := queue.pop()) is not None:
-            busy = True
+            chains.append(chain)
             op, _, _, arg, _ = REQUEST.unpack_from(chain.readable[0])
-            try:
-                if op == Op.TRANSMIT:
-                    self.backend.transmit(chain.readable[1:])
-                elif op == Op.SET_FEATURES:
-                    self.backend.set_features(arg)
-            except OSError as exc:
-                log.debug("transmit failed: %s", exc)
-            except Exception:
-                log.exception("net backend error")
-            queue.push(chain, 0)
+            if op == Op.TRANSMIT:
+                frames.append(chain.readable[1:])
+            elif op == Op.SET_FEATURES:
+                self._call(self.backend.transmit, frames)  # those sent before the change
+                frames = []
+                self._call(self.backend.set_features, arg)
+        if frames:
+            self._call(self.backend.transmit, frames)
+        for chain in chains:
+            queue.fill(chain, 0)
+        queue.flush()
         self.tx.notify()
-        return busy
+        return bool(chains)
+
+    @staticmethod
+    def _call(method: Callable[[Any], object], arg: Any) -> None:
+        try:
+            method(arg)
+        except OSError as exc:
+            log.debug("transmit failed: %s", exc)
+        except Exception:
+            log.exception("net backend error")
 
     def pending(self) -> bool:
         return self.tx.queue.has_available()
@@ -302,8 +316,8 @@ class _NetService:
             if fd == self._control_fd:
                 if not self.control():
                     return False
-            elif fd == self.fd:
-                self.receive()
+            elif fd in self.fds:
+                self.receive(self.fds[fd])
             else:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(fd)
@@ -313,12 +327,13 @@ class _NetService:
 
     def _watch_backend_fd(self) -> None:
         """Watch the backend fd only while there are buffers to fill."""
-        wanted = self.fd is not None and not self._starved
+        wanted = bool(self.fds) and not self._starved
         if wanted != self._fd_watched:
-            if wanted:
-                self._poller.register(self.fd, select.EPOLLIN)
-            else:
-                self._poller.unregister(self.fd)
+            for fd in self.fds:
+                if wanted:
+                    self._poller.register(fd, select.EPOLLIN)
+                else:
+                    self._poller.unregister(fd)
             self._fd_watched = wanted
 
     def refill(self) -> None:
@@ -338,13 +353,13 @@ class _NetService:
                 self._starved = True
         return chain
 
-    def receive(self) -> None:
-        """Read frames from the backend fd into receive buffers until it has none."""
+    def receive(self, pair: int) -> None:
+        """Read frames from a backend fd into receive buffers until it has none."""
         with self._rx_lock:
             received = False
             while (chain := self._buffer()) is not None:
                 try:
-                    n = self.backend.receive_into(chain.writable)
+                    n = self.backend.receive_into(chain.writable, pair)
                 except BlockingIOError:
                     self._spare = chain
                     break

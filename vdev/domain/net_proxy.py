@@ -8,9 +8,11 @@ received frames reach the device through `fileno` / `receive_into`, as from a TA
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Sequence
 
 from vdev.backend import NetBackend
+from vdev.devices.net import frame_len
 from vdev.domain.attributes import attribute
 from vdev.domain.channel import WRITE, ChannelError, Op, copy_views
 from vdev.domain.host import DomainHost
@@ -36,6 +38,8 @@ class NetProxy(NetBackend):
         self._features: int | None = None
         #: Frames refused because the transmit ring or its bounce area was full.
         self.tx_full = 0
+        #: Queue pairs' workers and the event loop publish on the one transmit ring.
+        self._tx_lock = threading.Lock()
         for index in range(RX_BUFFERS):
             self._post(index)
         self._rx.kick()
@@ -44,28 +48,35 @@ class NetProxy(NetBackend):
         gpa = self._rx.bounce_gpa(index * RX_BUFFER)
         self._rx.ring.add([(gpa, RX_BUFFER, WRITE)], index)
 
-    def transmit(self, frame: Sequence[memoryview]) -> None:
+    def transmit(self, frames: list[Sequence[memoryview]]) -> int:
+        """Publish the frames (those that fit the ring and its bounce area), kick once."""
         if self.host.failure is not None:
             raise OSError(errno.EIO, self.host.failure)
-        ring = self._tx
-        self._collect_tx()
-        if self._features is not None and not self._publish_tx(Op.SET_FEATURES, self._features):
-            raise OSError(errno.ENOBUFS, "driver domain transmit ring full")
-        self._features = None
-        length = sum(v.nbytes for v in frame)
-        if not self._publish_tx(Op.TRANSMIT, length, frame):
-            self.tx_full += 1
-            raise OSError(errno.ENOBUFS, "driver domain transmit ring full")
-        ring.kick()
+        with self._tx_lock:
+            self._collect_tx()
+            features = self._features
+            if features is not None and not self._publish_tx(Op.SET_FEATURES, features):
+                raise OSError(errno.ENOBUFS, "driver domain transmit ring full")
+            self._features = None
+            sent = 0
+            for frame in frames:
+                if not self._publish_tx(Op.TRANSMIT, frame_len(frame), frame):
+                    break
+                sent += 1
+            if sent or features is not None:
+                self._tx.kick()
+        self.tx_full += len(frames) - sent
+        return len(frames) - sent
 
     def set_features(self, features: int) -> None:
         self.host.set_state("features", features)
-        self._collect_tx()
-        if self._publish_tx(Op.SET_FEATURES, features):
-            self._features = None
-            self._tx.kick()
-        else:
-            self._features = features  # sent before the next frame
+        with self._tx_lock:
+            self._collect_tx()
+            if self._publish_tx(Op.SET_FEATURES, features):
+                self._features = None
+                self._tx.kick()
+            else:
+                self._features = features  # sent before the next frame
 
     def _publish_tx(self, op: Op, arg: int, frame: Sequence[memoryview] = ()) -> bool:
         ring = self._tx
@@ -96,11 +107,12 @@ class NetProxy(NetBackend):
             except ChannelError as exc:
                 self.host.kill(str(exc))
 
-    def fileno(self) -> int:
-        """The receive ring's call eventfd: readable when the child delivered frames."""
-        return self._rx.call_fd
+    def fileno(self, pair: int = 0) -> int | None:
+        """The receive ring's call eventfd: readable when the child delivered frames
+        (all of them reach queue pair 0)."""
+        return self._rx.call_fd if pair == 0 else None
 
-    def receive_into(self, buffers: Sequence[memoryview]) -> int:
+    def receive_into(self, buffers: Sequence[memoryview], pair: int = 0) -> int:
         ring = self._rx
         entry = self._take_rx()
         if entry is None:
