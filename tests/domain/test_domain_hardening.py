@@ -244,7 +244,9 @@ async def test_stopped_child_is_detected_and_replaced(tmp_path: Path, image: Pat
     assert [status(u) for u in writes + reads] == [Status.OK] * 2 * len(data)
     assert [r.data[0] for r in reads] == data
     assert (host.hangs, host.restarts) == (1, 1) and host.pid != stopped
-    assert host.reissued == len(data)
+    # The worker may take the first write before the rest are queued: what was in
+    # flight when the child stopped is re-issued, the rest waited in the ring.
+    assert 1 <= host.reissued <= len(data)
     assert not Path(f"/proc/{stopped}").exists()
     device.close()
 
