@@ -314,6 +314,8 @@ class NetDevice(Device):
         self._rarp_sent = 0
         self._configure(0)
         backend.attach(self._deliver)
+        for pair in range(pairs):  # a pair's fd is attached while its receive queue runs
+            self._enable_backend_queue(pair, False)
 
     # --- negotiation -------------------------------------------------------------------
 
