@@ -66,6 +66,16 @@ class TunOffload(IntFlag):
 
 
 _IFREQ = struct.Struct("16sH22x")
+#: The fields of pyroute2's tuntap `ifr` flags (all must be given).
+_TUN_IFR_FLAGS = (
+    "no_pi",
+    "one_queue",
+    "vnet_hdr",
+    "tun_excl",
+    "multi_queue",
+    "persist",
+    "nofilter",
+)
 _INT = struct.Struct("i")
 
 
@@ -146,7 +156,7 @@ def _index(ipr: IPRoute, ifname: str) -> int:
 
 def create_tap(ipr: IPRoute, ifname: str, *, multi_queue: bool = False) -> None:
     """Create a persistent TAP interface (it survives our fds until `remove_link`)."""
-    extra = {"multi_queue": True} if multi_queue else {}
+    extra = {"ifr": {**dict.fromkeys(_TUN_IFR_FLAGS, 0), "multi_queue": 1}} if multi_queue else {}
     ipr.link("add", ifname=check_ifname(ifname), kind="tuntap", mode="tap", **extra)
 
 

@@ -69,6 +69,7 @@ async def test_echo_byte_for_byte(packed: bool, mrg: bool) -> None:
     stats = device.stats()
     assert stats["tx0_frames"] == stats["rx0_frames"] == len(frames)
     assert stats["tx0_bytes"] == stats["rx0_bytes"] == sum(map(len, frames))
+    assert not [key for key in stats if key.startswith("drop_")]
 
 
 @RINGS

@@ -18,7 +18,9 @@ from vdev_backends.net_tap import TapBackend
 
 from vdev import netsetup
 from vdev.backend import BackendError
+from vdev.devices.base import DeviceError
 from vdev.devices.net import HdrFlag, NetDevice, NetFeature
+from vdev.protocol import Request
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
@@ -207,4 +209,75 @@ def test_tap_frames_without_a_device(ns: str) -> None:
     else:
         pytest.fail("no ARP reply from the kernel")
     assert n == 12 + 42 and buf[12 : 12 + 6] == MAC_A
+    backend.close()
+
+
+def send_udp_flows(tap: str, count: int) -> Callable[[IPRoute], None]:
+    """A function that sends `count` datagrams to the guest, each from its own port."""
+
+    def send(ipr: IPRoute) -> None:
+        ipr.neigh(
+            "add",
+            dst=GUEST_IP,
+            lladdr=":".join(f"{b:02x}" for b in MAC_A),
+            ifindex=netsetup.link_index(ipr, tap),
+            state=0x80,  # NUD_PERMANENT
+        )
+        for _ in range(count):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"flow", (GUEST_IP, 9999))
+
+    return send
+
+
+async def test_each_pair_of_a_multiqueue_tap_receives(ns: str) -> None:
+    tap = unique_tap()
+    backend = TapBackend(tap=tap, netns=ns, address=f"{HOST_IP}/24", queues=2)
+    assert backend.fileno(0) != backend.fileno(1) and backend.fileno(2) is None
+    device = NetDevice(backend, mac=MAC_A, queues=2)
+    rig = Rig(device, features=NetFeature.MRG_RXBUF | NetFeature.MQ)
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery)
+        for pair in (0, 1):
+            rig.add_rx(pair, [1536], count=64)
+        await trio.to_thread.run_sync(netsetup.with_iproute, ns, send_udp_flows(tap, 48))
+        with trio.fail_after(5):
+            while device.stats()["rx0_frames"] + device.stats()["rx1_frames"] < 48:
+                await trio.sleep(0.01)
+        await rig.stop()
+        nursery.cancel_scope.cancel()
+    backend.close()
+    stats = device.stats()
+    assert stats["rx0_frames"] > 0 and stats["rx1_frames"] > 0  # the kernel used both
+
+
+async def test_a_stopped_pair_gets_no_frames_from_the_kernel(ns: str) -> None:
+    """Only pair 0 runs (a guest with one vCPU): the kernel steers nothing to the TAP
+    queue of pair 1, whose fd nobody reads."""
+    tap = unique_tap()
+    backend = TapBackend(tap=tap, netns=ns, address=f"{HOST_IP}/24", queues=2)
+    device = NetDevice(backend, mac=MAC_A, queues=2)
+    rig = Rig(device, features=NetFeature.MRG_RXBUF | NetFeature.MQ)
+    async with trio.open_nursery() as nursery:
+        await rig.start(nursery, queues=[0, 1])
+        rig.add_rx(0, [1536], count=64)
+        await trio.to_thread.run_sync(netsetup.with_iproute, ns, send_udp_flows(tap, 32))
+        with trio.fail_after(5):
+            while device.stats()["rx0_frames"] < 32:
+                await trio.sleep(0.01)
+        await rig.stop()
+        nursery.cancel_scope.cancel()
+    backend.close()
+
+
+async def test_the_front_ends_mtu_reaches_the_tap(ns: str) -> None:
+    tap = unique_tap()
+    backend = TapBackend(tap=tap, netns=ns, mtu=1500)
+    device = NetDevice(backend, mtu=1500)
+    assert await device.handle_message(Request.NET_SET_MTU, 9000) is None
+    attrs = link(ns, tap)
+    assert attrs is not None and attrs["mtu"] == 9000
+    assert device.mtu == 9000
+    with pytest.raises(DeviceError, match="NET_SET_MTU"):
+        await device.handle_message(Request.NET_SET_MTU, 65535)  # beyond a TAP's maximum
     backend.close()

@@ -315,6 +315,8 @@ class NetDevice(Device):
         self._rarp_sent = 0
         self._configure(0)
         backend.attach(self._deliver)
+        for pair in range(pairs):  # a pair's fd is attached while its receive queue runs
+            self._enable_backend_queue(pair, False)
 
     # --- negotiation -------------------------------------------------------------------
 
@@ -496,7 +498,8 @@ class NetDevice(Device):
             except OSError as exc:
                 dropped = len(frames)
                 log.debug("queue %d: backend transmit failed: %s", queue.index, exc)
-            self._drops["tx_backend_error"] += dropped
+            if dropped:
+                self._drops["tx_backend_error"] += dropped
             counters.frames += len(frames) - dropped
             counters.bytes += size
         for chain in chains:  # only now may the driver reuse the buffers
@@ -687,7 +690,8 @@ class NetDevice(Device):
         A frame delivered on a pair's worker thread (an echo of what that pair sent)
         stays on that pair; others go where their flow hashes.
         """
-        rx = self._rx_of_thread.get(threading.get_ident())
+        local = self._rx_of_thread.get(threading.get_ident())
+        rx = local
         if rx is None:
             active = self._active_rx
             if not active:
@@ -699,7 +703,7 @@ class NetDevice(Device):
             return False
         rx.frames.append(bytes(frame) if isinstance(frame, memoryview) else frame)
         queue = rx.queue
-        if queue is not None:
+        if local is None and queue is not None:  # its own worker is awake: no wake-up
             queue.wake()
         return True
 
