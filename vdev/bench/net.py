@@ -140,10 +140,13 @@ class Testpmd:
 
     async def port_stats(self, port: int = 0) -> PortStats:
         text = await self.command(f"show port stats {port}")
-        match = _STATS.search(text)
-        if match is None:
-            raise TestpmdError(f"{self.name}: no port statistics in:\n{text}")
-        return PortStats(*map(int, match.groups()))
+        # A command typed with `send` (no wait) answers first: its prompt comes before.
+        for _ in range(3):
+            match = _STATS.search(text)
+            if match is not None:
+                return PortStats(*map(int, match.groups()))
+            text = await self._read_prompt(COMMAND_TIMEOUT)
+        raise TestpmdError(f"{self.name}: no port statistics in:\n{text}")
 
     def tail(self, chars: int = 3000) -> str:
         return self.output[-chars:].decode(errors="replace")
