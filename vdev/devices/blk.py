@@ -260,8 +260,10 @@ class BlkDevice(Device):
             if self.writethrough:
                 self._write_through(queue.index, todo)
         stats = self._stats[queue.index]
+        stats["requests"] += len(requests)
+        fill, complete = queue.fill, self._complete
         for request in requests:
-            queue.fill(request.chain, self._complete(stats, request))  # type: ignore[arg-type]
+            fill(request.chain, complete(stats, request))  # type: ignore[arg-type]
         queue.notify()
 
     def _write_through(self, index: int, requests: list[BlkRequest]) -> None:
@@ -374,24 +376,23 @@ class BlkDevice(Device):
     def _complete(self, stats: Counter[str], request: BlkRequest) -> int:
         """Write the status byte and count the request; return the used length."""
         status = request.status
-        stats["requests"] += 1
-        stats[_STAT_NAMES.get(request.type, "other_requests")] += 1  # type: ignore[call-overload]
+        kind = request.type
+        stats[_STAT_NAMES.get(kind, "other_requests")] += 1  # type: ignore[call-overload]
         status_byte = request.status_byte
-        if status != Status.OK:
+        if status:
             stats["errors"] += 1
             stats["unsupported"] += status == Status.UNSUPP
             if status_byte is None:
                 return 0
             status_byte[0] = status
             return 1  # only the status byte was written
-        assert status_byte is not None
-        status_byte[0] = Status.OK
-        if request.type == RequestType.IN:
+        status_byte[0] = 0  # type: ignore[index]
+        if kind == RequestType.IN:
             stats["bytes_read"] += request.length
             return request.length + 1
-        if request.type == RequestType.OUT:
+        if kind == RequestType.OUT:
             stats["bytes_written"] += request.length
-        elif request.type == RequestType.GET_ID:
+        elif kind == RequestType.GET_ID:
             return request.length + 1
         return 1
 

@@ -354,6 +354,12 @@ class GuestMemory:
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
         table = self._table
+        i = bisect.bisect_right(table.gpa_starts, gpa) - 1
+        if i >= 0:  # the usual case first: the range lies in one region
+            region = table.by_gpa[i]
+            offset = gpa - region.guest_phys_addr
+            if offset + length <= region.size:
+                return [_slice(region, offset, length)]
         views: list[memoryview] = []
         addr, left = gpa, length
         while left:

@@ -119,13 +119,14 @@ class Virtqueue(ABC):
 
         The driver sees it only after `flush`. Chains may be filled in any order.
         """
-        if chain.head not in self._in_flight:
-            raise ValueError(f"{self!r}: chain {chain.head} is not in flight")
-        if not 0 <= written <= chain.writable_len:
+        if written < 0 or written and written > chain.writable_len:
             raise ValueError(
                 f"{self!r}: {written} bytes written into {chain.writable_len} writable"
             )
-        self._in_flight.remove(chain.head)
+        try:
+            self._in_flight.remove(chain.head)
+        except KeyError:
+            raise ValueError(f"{self!r}: chain {chain.head} is not in flight") from None
         self._fill(chain, written)
         self._unpublished += 1
 

@@ -94,15 +94,16 @@ class SplitQueue(Virtqueue):
     def _read_chain(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise self._error(f"head descriptor {head} is beyond the queue size")
-        chain = DescriptorChain(head, [], [], 0)
+        chain = DescriptorChain(head, [], [], 0, [])
         index = head
+        unpack, desc, add = DESC.unpack_from, self._desc, self._add_buffer
         for count in range(1, self.size + 1):
-            addr, length, flags, next_index = DESC.unpack_from(self._desc, DESC_SIZE * index)
+            addr, length, flags, next_index = unpack(desc, DESC_SIZE * index)
             if flags & F_INDIRECT:
                 table = self._indirect_table(addr, length, flags, first=count == 1)
                 self._read_indirect(chain, table)
                 break
-            self._add_buffer(chain, addr, length, flags)
+            add(chain, addr, length, flags)
             if not flags & F_NEXT:
                 break
             if next_index >= self.size:
