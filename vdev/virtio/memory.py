@@ -353,6 +353,8 @@ class GuestMemory:
         """Views of guest range [gpa, gpa+length), split where it crosses adjacent regions."""
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        if not length:
+            return []
         table = self._table
         i = bisect.bisect_right(table.gpa_starts, gpa) - 1
         if i >= 0:  # the usual case first: the range lies in one region

@@ -119,7 +119,7 @@ class Virtqueue(ABC):
 
         The driver sees it only after `flush`. Chains may be filled in any order.
         """
-        if written < 0 or written and written > chain.writable_len:
+        if written < 0 or (written and written > chain.writable_len):
             raise ValueError(
                 f"{self!r}: {written} bytes written into {chain.writable_len} writable"
             )
