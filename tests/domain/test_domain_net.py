@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 from domain_helpers import kill_child, wait_until
+from pyroute2 import IPRoute
 
 from vdev import netsetup
 from vdev.config import DeviceSpec, build_device
-from vdev.devices.net import NetDevice
+from vdev.devices.net import NetDevice, format_mac
 from vdev.domain.host import DomainHost
 from vdev.domain.proxy import NetProxy
 from vdev.domain.spec import DomainSpec
@@ -102,4 +104,36 @@ async def test_net_child_lives_in_its_namespace(tmp_path: Path, netns: str) -> N
     assert got == [echoed(frame(b"in a namespace"))]
     assert child_ns == os.stat(netsetup.NETNS_DIR / netns).st_ino
     assert child_ns != os.stat("/proc/self/ns/net").st_ino
+    device.close()
+
+
+async def test_a_multiqueue_tap_in_a_child_is_read_on_every_queue(
+    tmp_path: Path, netns: str
+) -> None:
+    """The child reads each of its TAP's queue fds (the kernel spreads flows over them);
+    every frame reaches the core's receive queue."""
+    tap, host_ip, guest_ip = f"vdq{uuid.uuid4().hex[:8]}", "10.78.0.1", "10.78.0.2"
+    options = {"tap": tap, "queues": 2, "address": f"{host_ip}/24"}
+    domain = DomainSpec("driver", netns=netns)
+    device = build_device(DeviceSpec("net", tmp_path / "mq.sock", "tap", options, domain=domain))  # type: ignore[arg-type]
+    assert isinstance(device, NetDevice) and device.num_queue_pairs == 2
+
+    def send_flows(ipr: IPRoute) -> None:
+        index = netsetup.link_index(ipr, tap)
+        ipr.neigh("add", dst=guest_ip, lladdr=format_mac(MAC_A), ifindex=index, state=0x80)
+        for _ in range(48):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"flow", (guest_ip, 9999))
+
+    async with serve_device(device, tmp_path / "mq.sock") as path, Frontend.connect(path) as fe:
+        await fe.negotiate()
+        rx = await fe.setup_queue(0, size=128)
+        await fe.setup_queue(1)
+        for _ in range(100):
+            rx.add([], [2048])
+        rx.kick()
+        await trio.to_thread.run_sync(netsetup.with_iproute, netns, send_flows)
+        used = await rx.wait_used(48)
+    udp = [u for u in used if b"".join(u.data)[12 + 12 : 12 + 14] == b"\x08\x00"]
+    assert len(udp) >= 48
     device.close()
