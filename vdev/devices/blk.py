@@ -86,6 +86,8 @@ CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 #: Offset of `writeback`, the only field a driver may write.
 WRITEBACK_OFFSET = 32
 
+#: Feature bits tested per batch, as plain ints (IntFlag arithmetic is slow).
+_CONFIG_WCE, _FLUSH = int(BlkFeature.CONFIG_WCE), int(BlkFeature.FLUSH)
 _STAT_NAMES = {t: f"{t.name.lower()}_requests" for t in RequestType}
 
 
@@ -228,9 +230,9 @@ class BlkDevice(Device):
     @property
     def writethrough(self) -> bool:
         """Whether writes must be durable before they complete (virtio 1.2, 5.2.6.2)."""
-        if self.acked_features & BlkFeature.CONFIG_WCE:
+        if self.acked_features & _CONFIG_WCE:
             return not self.writeback
-        return not self.acked_features & BlkFeature.FLUSH
+        return not self.acked_features & _FLUSH
 
     def reset(self) -> None:
         super().reset()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import select
 import threading
 import time
@@ -155,7 +154,7 @@ class DomainExecutor:
         while time.monotonic() < deadline:
             if has_used():
                 break
-            os.sched_yield()
+            time.sleep(0)  # releases the GIL; not sched_yield (see vdev.worker)
         else:
             ring.ring.set_interrupts(True)
             if not has_used():

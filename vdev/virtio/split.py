@@ -22,6 +22,8 @@ from vdev.virtio.memory import GuestMemory
 from vdev.virtio.ring import Virtqueue
 
 _IDX_OFFSET = 2
+#: As a plain int: `int & IntFlag` builds an enum member on every call.
+_NO_INTERRUPT = int(AvailFlag.NO_INTERRUPT)
 
 
 class SplitQueue(Virtqueue):
@@ -148,7 +150,7 @@ class SplitQueue(Virtqueue):
     def _need_notify(self, pushed: int) -> bool:
         return split_notification_wanted(
             event_idx=self._event_idx,
-            suppressed=bool(U16.unpack_from(self._avail, 0)[0] & AvailFlag.NO_INTERRUPT),
+            suppressed=bool(U16.unpack_from(self._avail, 0)[0] & _NO_INTERRUPT),
             event=U16.unpack_from(self._avail, self._used_event_offset)[0],
             new=self._used_idx,
             count=pushed,
