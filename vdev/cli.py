@@ -46,11 +46,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
@@ -135,6 +142,14 @@ def _build_parser() -> Parser:
         "--client",
         action="store_true",
         help="connect to the front-end's socket instead of listening (QEMU server=on)",
+    )
+    run.add_argument(
+        "--poll-us",
+        type=_whole_number,
+        default=0,
+        metavar="US",
+        help="let queue workers spin up to US microseconds on an idle ring before sleeping "
+        "(adaptive: only while sleeps turn out short; default 0, no spinning)",
     )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")
@@ -340,7 +355,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for spec in specs:
             devices.append(build_device(spec))
         servers = [
-            DeviceServer(d, s.socket, client=s.client) for d, s in zip(devices, specs, strict=True)
+            DeviceServer(d, s.socket, client=s.client, poll_max=args.poll_us * 1e-6)
+            for d, s in zip(devices, specs, strict=True)
         ]
         trio.run(_serve_until_signal, servers)
     finally:

@@ -40,7 +40,7 @@ from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import TRANSPORT_FEATURES
 from vdev.virtio.memory import GuestMemory
 from vdev.vring import Vring
-from vdev.worker import QueueWorkers
+from vdev.worker import POLL_MAX, QueueWorkers
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,18 @@ class Session:
     """One front-end connection to one device."""
 
     def __init__(
-        self, device: Device, sock: trio.socket.SocketType, name: str, errors: ErrorLog
+        self,
+        device: Device,
+        sock: trio.socket.SocketType,
+        name: str,
+        errors: ErrorLog,
+        poll_max: float = POLL_MAX,
     ) -> None:
         self.device = device
         self.sock = sock
         self.name = name
         self.errors = errors
+        self.poll_max = poll_max
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.status = 0
@@ -134,7 +140,7 @@ class Session:
         """Serve the front-end until it disconnects or breaks the protocol."""
         try:
             async with trio.open_nursery() as nursery:
-                self._workers = QueueWorkers(self.device, nursery)
+                self._workers = QueueWorkers(self.device, nursery, self.poll_max)
                 token = trio.lowlevel.current_trio_token()
                 self.memory.on_fault = lambda message: token.run_sync_soon(
                     self._on_memory_fault, message, nursery.cancel_scope
@@ -398,11 +404,19 @@ class DeviceServer:
     """Serves one device on one vhost-user socket."""
 
     def __init__(
-        self, device: Device, path: str | Path, *, client: bool = False, mode: int = 0o600
+        self,
+        device: Device,
+        path: str | Path,
+        *,
+        client: bool = False,
+        mode: int = 0o600,
+        poll_max: float = POLL_MAX,
     ) -> None:
         self.device = device
         self.path = Path(path)
         self.client = client
+        #: Longest adaptive spin of the queue workers (seconds; 0: never spin).
+        self.poll_max = poll_max
         self.mode = mode
         self.sessions = 0
         self.errors = ErrorLog(str(self.path))
@@ -489,7 +503,8 @@ class DeviceServer:
         self.sessions += 1
         with sock:
             try:
-                await Session(self.device, sock, str(self.path), self.errors).run()
+                session = Session(self.device, sock, str(self.path), self.errors, self.poll_max)
+                await session.run()
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)

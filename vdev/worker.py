@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Longest spin on idle rings before sleeping (QEMU's aio-poll and cloud-hypervisor
-#: use 32-50 us): a kick and an interrupt cost far more than a short spin.
-POLL_MAX = 50e-6
+#: Longest spin on idle rings before sleeping, by default: none. QEMU's aio-poll and
+#: cloud-hypervisor spin 32-50 us, but on the 2-vCPU VMs vdev is measured on a spin
+#: made things worse (perfcheck QD1 p50 174 us with a 50 us spin, 128 us without;
+#: QD32 no better): `vdev run --poll-us` turns it on where it pays.
+POLL_MAX = 0.0
 #: First spin once sleeping has proved too costly; doubled while it pays off.
 POLL_START = 4e-6
 _READ = select.EPOLLIN
@@ -45,30 +47,31 @@ _READ = select.EPOLLIN
 class AdaptivePoll:
     """How long to spin before sleeping, learnt from how long sleeps turn out.
 
-    QEMU's rule: a sleep that ended within `POLL_MAX` would have been caught by a
-    longer spin, so the spin grows (from `POLL_START`, doubling); a longer sleep means
+    QEMU's rule: a sleep that ended within `limit` would have been caught by a longer
+    spin, so the spin grows (from `POLL_START`, doubling); a longer sleep means
     spinning is wasted, so it stops. An idle device never spins.
     """
 
-    __slots__ = ("seconds",)
+    __slots__ = ("limit", "seconds")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float = POLL_MAX) -> None:
+        self.limit = limit
         self.seconds = 0.0
 
     def slept(self, seconds: float) -> None:
-        if seconds > POLL_MAX:
+        if seconds > self.limit:
             self.seconds = 0.0
         elif seconds > self.seconds:
-            self.seconds = min(max(2 * self.seconds, POLL_START), POLL_MAX)
+            self.seconds = min(max(2 * self.seconds, POLL_START), self.limit)
 
 
 class QueueWorker:
     """The thread serving one group of a device's vrings."""
 
-    def __init__(self, device: Device, group: int) -> None:
+    def __init__(self, device: Device, group: int, poll_max: float = POLL_MAX) -> None:
         self.device = device
         self.group = group
-        self.poll = AdaptivePoll()
+        self.poll = AdaptivePoll(poll_max)
         self._rings: list[Vring] = []
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
@@ -321,8 +324,9 @@ def _epoll_wait(ep: select.epoll) -> list[tuple[int, int]]:
 class QueueWorkers:
     """The workers of one session, one per queue group, as tasks of its nursery."""
 
-    def __init__(self, device: Device, nursery: trio.Nursery) -> None:
+    def __init__(self, device: Device, nursery: trio.Nursery, poll_max: float = POLL_MAX) -> None:
         self.device = device
+        self.poll_max = poll_max
         self._nursery = nursery
         self._workers: dict[int, QueueWorker] = {}
 
@@ -331,7 +335,7 @@ class QueueWorkers:
         group = self.device.queue_group(queue_index)
         worker = self._workers.get(group)
         if worker is None or worker.dead:
-            worker = QueueWorker(self.device, group)
+            worker = QueueWorker(self.device, group, self.poll_max)
             await self._nursery.start(worker.run)
             self._workers[group] = worker
         return worker
