@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vdev.devices.blk_requests import RequestType
 from vdev.domain import control
 from vdev.domain.channel import (
     CHANNEL_GPA,
@@ -19,7 +20,6 @@ from vdev.domain.channel import (
     Arena,
     Channel,
     ChannelError,
-    Op,
     RingLayout,
     check_layout,
     copy_views,
@@ -109,12 +109,12 @@ def test_a_request_slot_holds_header_table_and_result(channel: Channel) -> None:
     ring = channel.rings[1]
     child = ChildSide(channel).queue(ring.layout)
     refs = [0x1000, 256, 0x2000, 512]
-    first, last = ring.request(ring.ring.next_head(), Op.READ, 1, 4096, 768, refs)
+    first, last = ring.request(ring.ring.next_head(), RequestType.IN, 1, 4096, 768, refs)
     head = ring.ring.add([first, last], "r")
     chain = child.pop()
     assert chain is not None and chain.head == head
     [header], [result] = chain.readable, chain.writable
-    assert REQUEST.unpack_from(header) == (Op.READ, 1, 2, 4096, 768)
+    assert REQUEST.unpack_from(header) == (RequestType.IN, 1, 2, 4096, 768)
     assert list(header[REQUEST.size :].cast("Q")) == refs
     RESULT.pack_into(result, 0, 5, 0)
     child.push(chain, RESULT.size)

@@ -37,7 +37,6 @@ from vdev.domain.channel import (
     AdaptivePoll,
     ChannelError,
     ChannelRing,
-    Op,
     OpFlag,
     copy_views,
 )
@@ -65,15 +64,7 @@ _MISBEHAVED_PAUSE = 0.05
 #: How long one sleep on the call eventfd lasts before the thread looks again (a child
 #: that dies does not signal).
 _SLEEP_MS = 100
-_MAX_ERRNO = 4095
-
-_OPS = {
-    RequestType.IN: Op.READ,
-    RequestType.OUT: Op.WRITE,
-    RequestType.FLUSH: Op.FLUSH,
-    RequestType.DISCARD: Op.DISCARD,
-    RequestType.WRITE_ZEROES: Op.WRITE_ZEROES,
-}
+_STATUSES = frozenset(Status)
 
 
 @dataclass(slots=True, eq=False)
@@ -93,13 +84,6 @@ class _Piece:
     copy_back: list[memoryview] | None = None
     arena_end: int = 0
     head: int = 0
-
-
-def _status(err: int) -> int:
-    """The status for an errno from the child (which we do not trust)."""
-    if not err:
-        return Status.OK
-    return Status.UNSUPP if err == errno.ENOSYS else Status.IOERR
 
 
 class DomainExecutor:
@@ -182,7 +166,7 @@ class DomainExecutor:
     def _pieces(self, request: BlkRequest) -> list[_Piece]:
         """The ring requests for one block request: by reference when possible, else
         bounced; one too large for a table or a quarter of the bounce area is cut."""
-        op = _OPS[request.type]  # type: ignore[index]
+        op = request.type
         if request.type in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
             return [
                 _Piece(request, op, r.offset, r.length, flags=int(OpFlag.UNMAP) * r.unmap)
@@ -245,11 +229,11 @@ class DomainExecutor:
                 return False
             parts, piece.arena_end = got
             bounce = [ring.bounce[o : o + n] for o, n in parts]
-            if piece.op == Op.READ:
+            if piece.op == RequestType.IN:
                 piece.copy_back = bounce
             else:
                 copy_views(bounce, piece.views)
-            flag = WRITE if piece.op == Op.READ else 0
+            flag = WRITE if piece.op == RequestType.IN else 0
             data = [(ring.bounce_gpa(o), n, flag) for o, n in parts]
         elif driver.free < 2:
             return False
@@ -268,9 +252,9 @@ class DomainExecutor:
             while (entry := ring.ring.take_used()) is not None:
                 piece = entry[0]
                 assert isinstance(piece, _Piece)
-                err = ring.result(piece.head)
-                if err:
-                    piece.owner.status = _status(err if 0 < err <= _MAX_ERRNO else errno.EIO)
+                status = ring.result(piece.head)
+                if status:  # a status we do not know from the child is an I/O error
+                    piece.owner.status = status if status in _STATUSES else Status.IOERR
                 elif piece.copy_back is not None:
                     copy_views(piece.views, piece.copy_back)
                 if piece.arena_end:

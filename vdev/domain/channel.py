@@ -73,13 +73,10 @@ NO_NOTIFY = int(UsedFlag.NO_NOTIFY)
 
 
 class Op(IntEnum):
-    """What a request asks the child's backend to do."""
+    """What a net request asks the child's backend to do. A block request carries its
+    virtio-blk type (`vdev.devices.blk_requests.RequestType`) and its result is the
+    virtio-blk status: the child runs it with the same `execute` as the core."""
 
-    READ = 1
-    WRITE = 2
-    FLUSH = 3
-    DISCARD = 4
-    WRITE_ZEROES = 5
     TRANSMIT = 16
     SET_FEATURES = 17
 

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from vdev.backend import BackendError, BlockBackend, NetBackend
+from vdev.devices.blk_requests import BlkRequest, Range, RequestType, Status, execute
 from vdev.domain import confine, control
 from vdev.domain.channel import (
     CHANNEL_GPA,
@@ -199,33 +200,21 @@ class _BlockRing(threading.Thread):
         return True
 
     def _execute(self, chain: DescriptorChain) -> None:
+        """Run one block request with the core's own dispatch; the status goes back."""
         header, data_out = chain.readable[0], chain.readable[1:]
         data_in, result = chain.writable[:-1], chain.writable[-1]
-        op, flags, segments, offset, length = REQUEST.unpack_from(header)
-        backend = self.backend
+        kind, flags, segments, offset, length = REQUEST.unpack_from(header)
         try:
-            if segments:
-                data_in = data_out = self._segments(header[REQUEST.size :], segments)
-            match op:
-                case Op.READ:
-                    backend.read(offset, data_in)
-                case Op.WRITE:
-                    backend.write(offset, data_out)
-                case Op.FLUSH:
-                    backend.flush()
-                case Op.DISCARD:
-                    backend.discard(offset, length)
-                case Op.WRITE_ZEROES:
-                    backend.write_zeroes(offset, length, bool(flags & OpFlag.UNMAP))
-                case _:
-                    raise OSError(errno.ENOSYS, f"unknown request {op}")
-            err = 0
+            data = self._segments(header[REQUEST.size :], segments) if segments else None
         except OSError as exc:
-            err = exc.errno or errno.EIO
-        except Exception:
-            log.exception("request %d at byte %d: backend error", op, offset)
-            err = errno.EIO
-        RESULT.pack_into(result, 0, err, 0)
+            log.warning("request at byte %d: %s", offset, exc)
+            status = Status.IOERR
+        else:
+            if data is None:
+                data = data_in if kind == RequestType.IN else data_out
+            ranges = (Range(offset, length, bool(flags & OpFlag.UNMAP)),)
+            status = execute(self.backend, BlkRequest(kind, offset, data, length, ranges))
+        RESULT.pack_into(result, 0, status, 0)
 
     def _segments(self, table: memoryview, count: int) -> list[memoryview]:
         """Views of the guest memory a request's segment table lists."""
