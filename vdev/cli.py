@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import logging
 import math
@@ -347,6 +348,16 @@ def _raise_fd_limit() -> None:
     log.debug("open file limit raised from %d to %d", soft, hard)
 
 
+def _tune_gc() -> None:
+    """The data path makes short-lived objects by the million and almost no cycles:
+    keep what start-up built out of every collection, and collect the young
+    generation ten times less often (10-20% of the per-frame cost otherwise)."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young * 10, middle, old)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     specs = _specs_from_args(args)
     _raise_fd_limit()
@@ -354,6 +365,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         for spec in specs:
             devices.append(build_device(spec))
+        _tune_gc()
         servers = [
             DeviceServer(d, s.socket, client=s.client, poll_max=args.poll_us * 1e-6)
             for d, s in zip(devices, specs, strict=True)

@@ -164,6 +164,11 @@ class Vring:
             if ring.should_notify():
                 self._signal(self.call_fd)
 
+    @property
+    def idle(self) -> bool:
+        """No worker, or its thread is asleep (for tests that wait for quiet)."""
+        return self._worker is None or self._worker.idle
+
     def wake(self) -> None:
         """Have the worker look at this queue soon (from any thread)."""
         if self._worker is not None:

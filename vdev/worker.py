@@ -126,6 +126,11 @@ class QueueWorker:
         await done.wait()
 
     @property
+    def idle(self) -> bool:
+        """The thread is asleep, waiting for a kick or a command."""
+        return self._sleeping
+
+    @property
     def dead(self) -> bool:
         """The thread has exited (stopped, or crashed)."""
         return self._dead

@@ -71,6 +71,7 @@ class ListQueue:
     """A `Queue` over a list of prepared chains (records pushes and notifies)."""
 
     index: int = 0
+    size: int = 256
     pending: deque[DescriptorChain] = field(default_factory=deque)
     used: list[tuple[int, int]] = field(default_factory=list)
     notifies: int = 0

@@ -31,6 +31,7 @@ class RingQueue:
     def __init__(self, ring: Virtqueue) -> None:
         self.ring = ring
         self.index = ring.index
+        self.size = ring.size
         self.interrupts = 0
 
         self.counters: dict[str, int] = {}

@@ -191,7 +191,7 @@ class Rig:
         """Wait until every queue worker has gone to sleep (nothing left to do)."""
         await trio.sleep(0.02)  # let the workers see what the test just did
         with trio.fail_after(timeout):
-            while not all(v._worker is None or v._worker._sleeping for v in self.vrings):
+            while not all(v.idle for v in self.vrings):
                 await trio.sleep(0.002)
 
 

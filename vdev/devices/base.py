@@ -29,6 +29,8 @@ class Queue(Protocol):
     """One virtqueue as a device sees it (implemented by `vdev.vring.Vring`)."""
 
     index: int
+    #: Entries of the ring (what the driver set with SET_VRING_NUM).
+    size: int
     #: Counters the device keeps for this queue (requests, bytes, ...).
     counters: dict[str, int]
 

@@ -634,7 +634,7 @@ class NetDevice(Device):
     @staticmethod
     def _whole_ring(queue: Queue, rx: _RxQueue) -> bool:
         """The pool holds every descriptor of the ring: the driver cannot post more."""
-        return rx.descs >= queue.size  # type: ignore[attr-defined]
+        return rx.descs >= queue.size
 
     def _drop_rx(self, reason: str) -> _Rx:
         self._drops[reason] += 1
