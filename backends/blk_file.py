@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Sequence
 from enum import IntFlag
 
-from vdev.backend import BackendError, BlockBackend
+from vdev.backend import BackendError, BlockBackend, block_size_option
 from vdev.units import parse_bool
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class FileBackend(BlockBackend):
         readonly: bool | str = False,
         direct: bool | str = False,
         serial: str = "",
+        block_size: int | str = 512,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = _flag("readonly", readonly)
@@ -97,6 +98,7 @@ class FileBackend(BlockBackend):
                     f"path: {self.path} is {self.size} bytes, not a (non-zero) multiple of "
                     f"{SECTOR_SIZE}"
                 )
+            self.block_size = block_size_option(block_size, self.size)
             #: The host file system's block: the guest aligns its I/O to it (topology).
             self.physical_block_size = st.st_blksize if stat.S_ISREG(st.st_mode) else 0
             if direct:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vdev.backend import BackendError, BlockBackend
+from vdev.backend import BackendError, BlockBackend, block_size_option
 from vdev.units import parse_size
 
 SECTOR_SIZE = 512
@@ -30,9 +30,10 @@ def fill_zeros(buffers: Sequence[memoryview]) -> None:
 class NullBackend(BlockBackend):
     """`size` bytes of nothing: reads return zeros, writes and discards succeed."""
 
-    def __init__(self, size: int | str, serial: str = "") -> None:
+    def __init__(self, size: int | str, serial: str = "", block_size: int | str = 512) -> None:
         self.size = disk_size(size)
         self.serial = serial
+        self.block_size = block_size_option(block_size, self.size)
 
     def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
         fill_zeros(buffers)

@@ -7,15 +7,16 @@ from collections.abc import Sequence
 
 from vdev_backends.blk_null import disk_size, fill_zeros
 
-from vdev.backend import BackendError, BlockBackend
+from vdev.backend import BackendError, BlockBackend, block_size_option
 
 
 class RamBackend(BlockBackend):
     """`size` bytes of private anonymous memory (lost when the daemon stops)."""
 
-    def __init__(self, size: int | str, serial: str = "") -> None:
+    def __init__(self, size: int | str, serial: str = "", block_size: int | str = 512) -> None:
         self.size = disk_size(size)
         self.serial = serial
+        self.block_size = block_size_option(block_size, self.size)
         try:
             self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError) as exc:

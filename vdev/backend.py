@@ -19,6 +19,26 @@ class BackendError(Exception):
     """A backend cannot be created or used (bad option, missing file, ...)."""
 
 
+#: Logical block sizes a disk may have (what Linux accepts: 512 bytes to a page).
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+
+
+def block_size_option(value: int | str, size: int) -> int:
+    """The `block_size` option of a disk of `size` bytes, checked (BackendError)."""
+    try:
+        block_size = int(value)
+    except (TypeError, ValueError):
+        raise BackendError(f"block_size: {value!r} is not a number") from None
+    if block_size not in BLOCK_SIZES:
+        choices = ", ".join(map(str, BLOCK_SIZES))
+        raise BackendError(f"block_size: {block_size} is not one of {choices}")
+    if size % block_size:
+        raise BackendError(
+            f"block_size: the disk's {size} bytes are not whole {block_size}-byte blocks"
+        )
+    return block_size
+
+
 class BlockBackend:
     """A block device's storage: `size` bytes addressed by byte offset.
 
@@ -30,6 +50,7 @@ class BlockBackend:
     """
 
     size: int = 0
+    #: Logical block: the guest addresses the disk in these (requests are aligned).
     block_size: int = 512
     read_only: bool = False
     #: Serial number the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes).

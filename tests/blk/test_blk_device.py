@@ -15,6 +15,7 @@ from blk_helpers import (
     ListQueue,
     Req,
     header,
+    le32,
     make,
     read_req,
     segments,
@@ -25,7 +26,7 @@ from vdev_backends.blk_file import FileBackend
 from vdev_backends.blk_null import NullBackend
 from vdev_backends.blk_ram import RamBackend
 
-from vdev.backend import BlockBackend
+from vdev.backend import BackendError, BlockBackend
 from vdev.devices.base import DeviceError
 from vdev.devices.blk import (
     CONFIG,
@@ -598,3 +599,37 @@ async def test_device_works_unchanged_over_a_blocking_proxy() -> None:
     assert reqs[4].data_in.rstrip(b"\0") == b"proxied"
     dev.close()
     target.close()
+
+
+# --- logical block size ------------------------------------------------------------------
+
+
+async def test_a_4096_byte_block_disk_refuses_misaligned_requests() -> None:
+    backend = RamBackend(SIZE, block_size=4096)
+    dev = device_for(backend)
+    assert le32(dev.config(), 20) == 4096  # blk_size
+    data = os.urandom(8192)
+    ok_write, ok_read = write_req(8, data), read_req(8, 8192)
+    short = read_req(8, 512)  # one sector, not one block
+    off = read_req(1, 4096)  # sector 1 is inside block 0
+    await run(dev, ok_write, ok_read, short, off)
+    assert [r.status for r in (ok_write, ok_read, short, off)] == [OK, OK, IOERR, IOERR]
+    assert ok_read.data_in == data
+    backend.close()
+
+
+@pytest.mark.parametrize("factory", [RamBackend, NullBackend])
+def test_block_size_option_is_checked(factory: Callable[..., BlockBackend]) -> None:
+    assert factory(SIZE, block_size="4096").block_size == 4096
+    with pytest.raises(BackendError, match="block_size: 3000 is not one of"):
+        factory(SIZE, block_size=3000)
+    with pytest.raises(BackendError, match="not whole 4096-byte blocks"):
+        factory(SIZE + SECTOR, block_size=4096)
+
+
+def test_file_backend_takes_a_block_size(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    backend = FileBackend(image, block_size=4096)
+    assert backend.block_size == 4096
+    backend.close()

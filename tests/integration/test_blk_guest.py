@@ -369,3 +369,27 @@ async def test_vdev_demo(tmp_path: Path) -> None:
         f.seek(1080)
         assert f.read(2) == b"\x53\xef"  # the ext4 superblock the guest made
     assert list(scratch.iterdir()) == []  # temporary files and sockets are gone
+
+
+@needs_qemu
+async def test_a_4096_byte_sector_disk_is_formatted_and_verified(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    sock = tmp_path / "4k.sock"
+    script = """
+        cat /sys/block/vda/queue/logical_block_size
+        mkfs.ext4 -q -b 4096 /dev/vda && mkdir -p /mnt/disk && mount -t ext4 /dev/vda /mnt/disk
+        head -c 3000000 /dev/urandom > /mnt/disk/data
+        sha256sum /mnt/disk/data > /tmp/sum
+        umount /mnt/disk && echo 3 > /proc/sys/vm/drop_caches
+        mount -t ext4 /dev/vda /mnt/disk && sha256sum -c /tmp/sum >/dev/null && echo verified
+        umount /mnt/disk
+    """
+    guest_image = await build_guest(
+        extra_binaries=["mkfs.ext4"], extra_modules=["crc32c_generic", "ext4"]
+    )
+    async with serving(BlkDevice(FileBackend(image, block_size=4096)), sock) as device:
+        result = await run_guest(script, qemu_args=blk_args(sock), image=guest_image)
+    assert assert_ok(result) == ["4096", "verified"]
+    stats = device.stats()
+    assert stats["out_requests"] > 0 and stats["errors"] == 0

@@ -352,8 +352,12 @@ class BlkDevice(Device):
 
     def _transfer(self, kind: RequestType, sector: int, data: list[memoryview]) -> BlkRequest:
         length = sum(v.nbytes for v in data) if len(data) != 1 else data[0].nbytes
-        if length % SECTOR_SIZE:
-            raise _Invalid(Status.IOERR, f"{kind.name} of {length} bytes, not whole sectors")
+        block = self.backend.block_size
+        if length % block or sector * SECTOR_SIZE % block:
+            raise _Invalid(
+                Status.IOERR,
+                f"{kind.name} of {length} bytes at sector {sector}: not whole {block}-byte blocks",
+            )
         self._check_range(sector, length // SECTOR_SIZE)
         return BlkRequest(kind, sector * SECTOR_SIZE, data, length)
 
