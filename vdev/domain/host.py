@@ -145,7 +145,7 @@ class DomainHost:
             "user": spec.user,
             "netns": spec.netns,
             "seccomp": spec.seccomp,
-            "log_level": logging.getLogger().getEffectiveLevel(),
+            "log_level": logging.getLogger("vdev").getEffectiveLevel(),
         }
         try:
             json.dumps(options)
