@@ -26,14 +26,16 @@ class DescriptorChain:
     addrs: list[int] = field(default_factory=list)
     #: How many of the `addrs` pairs are device-readable.
     nreadable: int = 0
+    #: Bytes of the readable and of the writable buffers (the rings count them as they
+    #: read descriptors; left out, they are summed from the views).
+    readable_len: int = -1
+    writable_len: int = -1
 
-    @property
-    def readable_len(self) -> int:
-        return sum(v.nbytes for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(v.nbytes for v in self.writable)
+    def __post_init__(self) -> None:
+        if self.readable_len < 0:
+            self.readable_len = sum(v.nbytes for v in self.readable)
+        if self.writable_len < 0:
+            self.writable_len = sum(v.nbytes for v in self.writable)
 
     @property
     def readable_addrs(self) -> list[int]:

@@ -92,7 +92,7 @@ class PackedQueue(Virtqueue):
     def _pop(self) -> DescriptorChain | None:
         if not self.has_available():
             return None
-        chain = DescriptorChain(0, [], [], 0, [])
+        chain = DescriptorChain(0, [], [], 0, [], 0, 0, 0)
         pos, wrap = self._next_avail, self._avail_wrap
         for count in range(1, self.size + 1):
             addr, length, buffer_id, flags = DESC.unpack_from(self._desc, DESC_SIZE * pos)

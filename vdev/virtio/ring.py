@@ -194,18 +194,20 @@ class Virtqueue(ABC):
     def _add_buffer(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
         """Append a direct descriptor's buffer to `chain`, bounds-checked."""
         addrs = chain.addrs
+        try:
+            views = self._mem.gpa_views(addr, length)
+        except GuestMemoryError as exc:
+            raise self._error(f"descriptor buffer: {exc}") from exc
         if flags & F_WRITE:
-            target = chain.writable
+            chain.writable += views
+            chain.writable_len += length
         elif 2 * chain.nreadable != len(addrs):
             raise self._error("device-readable descriptor after a device-writable one")
         else:
-            target = chain.readable
+            chain.readable += views
+            chain.readable_len += length
             chain.nreadable += 1
         addrs += (addr, length)
-        try:
-            target.extend(self._mem.gpa_views(addr, length))
-        except GuestMemoryError as exc:
-            raise self._error(f"descriptor buffer: {exc}") from exc
 
     def _indirect_table(self, addr: int, length: int, flags: int, first: bool) -> bytes:
         """Validate an INDIRECT descriptor and return a copy of the table it points to."""

@@ -96,7 +96,7 @@ class SplitQueue(Virtqueue):
     def _read_chain(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise self._error(f"head descriptor {head} is beyond the queue size")
-        chain = DescriptorChain(head, [], [], 0, [])
+        chain = DescriptorChain(head, [], [], 0, [], 0, 0, 0)
         index = head
         unpack, desc, add = DESC.unpack_from, self._desc, self._add_buffer
         for count in range(1, self.size + 1):
