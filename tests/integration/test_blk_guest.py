@@ -393,3 +393,20 @@ async def test_a_4096_byte_sector_disk_is_formatted_and_verified(tmp_path: Path)
     assert assert_ok(result) == ["4096", "verified"]
     stats = device.stats()
     assert stats["out_requests"] > 0 and stats["errors"] == 0
+
+
+@needs_qemu
+async def test_queue_size_64_takes_the_guests_128_descriptor_tables(tmp_path: Path) -> None:
+    """seg_max 126 lets Linux build 128-entry indirect tables even on a 64-entry queue."""
+    image = tmp_path / "disk.img"
+    data = make_image(image, seed=5)
+    sock = tmp_path / "q64.sock"
+    args = [
+        a + ",queue-size=64" if a.startswith("vhost-user-blk-pci") else a for a in blk_args(sock)
+    ]
+    script = "dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum\n"
+    async with serving(BlkDevice(FileBackend(image)), sock) as device:
+        result = await run_guest(script, qemu_args=args, timeout=60)
+    [digest] = assert_ok(result)
+    assert digest.split()[0] == sha256(data[: 16 * MiB])
+    assert device.stats()["errors"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from vdev.testing.fakemem import FakeGuestMemory
 from vdev.virtio.layout import DESC, DESC_SIZE
 
 from .helpers import KINDS, Pair, make_pair
@@ -70,3 +71,15 @@ def test_a_hostile_chain_in_a_batch_breaks_only_its_queue(kind: str) -> None:
     [chain] = other.queue.pop_batch(8)
     other.queue.push(chain, chain.write_into(b"fine"))
     assert other.driver.get_used() == [(token, 4, [b"fine"])]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_indirect_table_of_128_fits_a_64_entry_ring(kind: str) -> None:
+    """Linux builds tables of seg_max + 2 = 128 descriptors whatever the queue size."""
+    pair = make_pair(kind, size=64, mem=FakeGuestMemory(4 << 20))
+    parts = [bytes([i]) * 16 for i in range(127)]
+    token = pair.driver.add(parts, [1], indirect=True)
+    [chain] = pair.queue.pop_batch(8)
+    assert chain.read_all() == b"".join(parts) and chain.writable_len == 1
+    pair.queue.push(chain, chain.write_into(b"\0"))
+    assert [u.token for u in pair.driver.get_used()] == [token]
