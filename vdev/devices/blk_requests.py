@@ -147,7 +147,7 @@ class InlineExecutor:
 class PoolExecutor:
     """In-process with I/O threads: requests larger than `inline_bytes` run on a pool
     of `threads` threads (concurrently: os.preadv releases the GIL), smaller ones
-    inline meanwhile. For O_DIRECT files (`inline_bytes` 0: each request waits for
+    inline meanwhile (or, if there are none, one of the large ones). For O_DIRECT files (`inline_bytes` 0: each request waits for
     the disk) and large page-cache copies, which then use both CPUs.
 
     A pool of threads rather than io_uring or Linux AIO: the maintained Python
@@ -170,17 +170,15 @@ class PoolExecutor:
 
     def run(self, requests: Sequence[BlkRequest]) -> None:
         done: queue_module.SimpleQueue[None] = queue_module.SimpleQueue()
-        inline = []
-        offloaded = 0
-        for request in requests:
-            if request.length > self.inline_bytes:
-                self._todo.put((request, done))
-                offloaded += 1
-            else:
-                inline.append(request)
+        inline = [r for r in requests if r.length <= self.inline_bytes]
+        large = [r for r in requests if r.length > self.inline_bytes]
+        if large and not inline:
+            inline.append(large.pop())  # this thread works too, rather than only wait
+        for request in large:
+            self._todo.put((request, done))
         for request in inline:
             request.status = execute(self.backend, request)
-        for _ in range(offloaded):
+        for _ in large:
             done.get()
 
     def _serve(self) -> None:
