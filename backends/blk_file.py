@@ -152,6 +152,11 @@ class FileBackend(BlockBackend):
                 log.debug("%s: unaligned request at %d, not using O_DIRECT", self.path, offset)
         _transfer(op, self._fd, offset, buffers)
 
+    @property
+    def direct_fd(self) -> int | None:
+        """The O_DIRECT descriptor (`direct`), for executors that submit to it."""
+        return self._direct_fd
+
     def flush(self) -> None:
         os.fdatasync(self._fd)
 

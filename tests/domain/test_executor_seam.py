@@ -1,6 +1,6 @@
 """The executor seam: one set of block requests, failures included, through every
-executor (inline, I/O threads, driver domain with `map` and with `copy`): the same
-statuses, the same data, the same image."""
+executor (inline, I/O threads, Linux AIO on O_DIRECT, driver domain with `map` and with
+`copy`): the same statuses, the same data, the same image."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from domain_helpers import IMAGE_SIZE, SECTOR, blk_in_domain
 from vdev_backends.blk_file import FileBackend
 
+from vdev.devices import aio
 from vdev.devices.blk_requests import (
     BlkRequest,
     Executor,
@@ -69,7 +70,7 @@ class Guest:
 EXPECTED = [Status.OK, Status.OK, Status.OK, Status.IOERR, Status.OK] + [Status.OK] * 4
 
 
-@pytest.fixture(params=["inline", "pool", "domain-map", "domain-copy"])
+@pytest.fixture(params=["inline", "pool", "aio", "domain-map", "domain-copy"])
 def executor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Executor, Guest]]:
     image = tmp_path / "disk.img"
     image.write_bytes(b"\xaa" * IMAGE_SIZE)
@@ -82,6 +83,11 @@ def executor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[E
         device.backend.memory_changed(guest.mem)
         executor: Executor = device.backend.executor(0)
         closer = device.close
+    elif kind == "aio":
+        backend = FileBackend(image, direct=True)
+        assert backend.direct_fd is not None and aio.available()
+        executor = aio.AioExecutor(backend, backend.direct_fd)
+        closer = backend.close
     else:
         backend = FileBackend(image)
         executor = InlineExecutor(backend) if kind == "inline" else PoolExecutor(backend, 4, 0)

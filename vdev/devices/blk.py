@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from enum import IntFlag
 
 from vdev.backend import BlockBackend
+from vdev.devices.aio import default_executor
 from vdev.devices.base import Device, DeviceError, Queue
 from vdev.devices.blk_requests import (
     HEADER_BYTES,
@@ -28,7 +29,6 @@ from vdev.devices.blk_requests import (
     Range,
     RequestType,
     Status,
-    default_executor,
 )
 from vdev.units import parse_int
 from vdev.virtio.chain import DescriptorChain

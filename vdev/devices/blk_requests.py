@@ -147,8 +147,9 @@ class InlineExecutor:
 class PoolExecutor:
     """In-process with I/O threads: requests larger than `inline_bytes` run on a pool
     of `threads` threads (concurrently: os.preadv releases the GIL), smaller ones
-    inline meanwhile (or, if there are none, one of the large ones). For O_DIRECT files (`inline_bytes` 0: each request waits for
-    the disk) and large page-cache copies, which then use both CPUs.
+    inline meanwhile (or, if there are none, one of the large ones): for large
+    page-cache copies, which then use both CPUs, and O_DIRECT files where Linux AIO is
+    not to be had (`vdev.devices.aio`).
 
     A pool of threads rather than io_uring or Linux AIO: the maintained Python
     bindings are tied to asyncio (caio) or need a native build (liburing), and a
@@ -192,11 +193,3 @@ class PoolExecutor:
             self._todo.put(None)
         for thread in self._threads:
             thread.join()
-
-
-def default_executor(backend: BlockBackend) -> Executor:
-    """The in-process executor `backend` asks for (`max_concurrency`, `inline_bytes`)."""
-    threads = max(1, int(getattr(backend, "max_concurrency", 1)))
-    if threads == 1:
-        return InlineExecutor(backend)
-    return PoolExecutor(backend, threads, int(getattr(backend, "inline_bytes", 0)))
