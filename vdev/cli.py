@@ -147,10 +147,10 @@ def _build_parser() -> Parser:
     run.add_argument(
         "--poll-us",
         type=_whole_number,
-        default=0,
+        default=50,
         metavar="US",
         help="let queue workers spin up to US microseconds on an idle ring before sleeping "
-        "(adaptive: only while sleeps turn out short; default 0, no spinning)",
+        "(adaptive: only while sleeps turn out short; default 50, 0: never spin)",
     )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")

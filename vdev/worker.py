@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Longest spin on idle rings before sleeping, by default: none. QEMU's aio-poll and
-#: cloud-hypervisor spin 32-50 us, but on the 2-vCPU VMs vdev is measured on a spin
-#: made things worse (perfcheck QD1 p50 174 us with a 50 us spin, 128 us without;
-#: QD32 no better): `vdev run --poll-us` turns it on where it pays.
-POLL_MAX = 0.0
+#: Longest spin on idle rings before sleeping, by default (QEMU's aio-poll and
+#: cloud-hypervisor spin 32-50 us): a kick costs a wake-up of ~50 us on these VMs, so
+#: a spin that catches the next request halves QD1 latency (perfcheck-style blkload
+#: p50 81 us against 116-130 us without). `vdev run --poll-us` changes it (0: never).
+POLL_MAX = 50e-6
 #: First spin once sleeping has proved too costly; doubled while it pays off.
 POLL_START = 4e-6
 _READ = select.EPOLLIN
@@ -242,15 +242,15 @@ class QueueWorker:
     def _spin(self) -> bool:
         """Look at the rings until `poll.seconds` pass; True if work showed up.
 
-        Each look releases the GIL (`time.sleep(0)`), so that the event loop and
-        other workers run meanwhile. Not `os.sched_yield`: on these VMs it made the
-        front-end wait (QD1 p50 79 us against 31 us).
+        Each look yields the CPU and the GIL (`os.sched_yield`, 0.5 us here), so that
+        the front-end, the event loop and other workers run meanwhile. Not
+        `time.sleep(0)`: that is a real sleep of about 100 us on these VMs.
         """
         deadline = time.monotonic() + self.poll.seconds
         while time.monotonic() < deadline:
             if self._has_work() or self._commands:
                 return True
-            time.sleep(0)
+            os.sched_yield()
         return False
 
     def _disarm(self) -> None:

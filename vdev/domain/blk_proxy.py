@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import threading
 import time
@@ -138,7 +139,7 @@ class DomainExecutor:
         while time.monotonic() < deadline:
             if has_used():
                 break
-            time.sleep(0)  # releases the GIL; not sched_yield (see vdev.worker)
+            os.sched_yield()  # lets the child run if it shares our CPU
         else:
             ring.ring.set_interrupts(True)
             if not has_used():

@@ -110,6 +110,7 @@ def _serve(
             deadline = time.monotonic() + poll.time
             while not busy and time.monotonic() < deadline:
                 busy = work.pending()
+                os.sched_yield()  # lets the core run if it shares our CPU
         if not busy:
             busy = work.arm()
         if before_sleep is not None:
