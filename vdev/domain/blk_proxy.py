@@ -57,9 +57,10 @@ MAX_LANES = 8
 #: `map` only bounces buffers that span regions; `copy` never uses the tables.
 BLK_SYNC_RING = {"map": (256, 1 * MiB, TABLE_SEGMENTS), "copy": (256, 4 * MiB, 0)}
 BLK_LANE_RING = {"map": (256, 1 * MiB, TABLE_SEGMENTS), "copy": (256, 8 * MiB, 0)}
-#: Spinning on the used ring before sleeping on the call eventfd (see `AdaptivePoll`).
+#: Spinning on the used ring before sleeping on the call eventfd (see `AdaptivePoll`):
+#: long enough for the child's answer to a small batch (see `vdev.domain.child`).
 POLL_GROW = 4e-6
-POLL_MAX = 50e-6
+POLL_MAX = 100e-6
 #: After a protocol violation, how long to wait for the supervisor to replace the child.
 _MISBEHAVED_PAUSE = 0.05
 #: How long one sleep on the call eventfd lasts before the thread looks again (a child
