@@ -361,7 +361,10 @@ class GuestMemory:
             region = table.by_gpa[i]
             offset = gpa - region.guest_phys_addr
             if offset + length <= region.size:
-                return [_slice(region, offset, length)]
+                try:
+                    return [region.view[offset : offset + length]]
+                except ValueError:  # released: fall through to the loop, which says so
+                    pass
         views: list[memoryview] = []
         addr, left = gpa, length
         while left:

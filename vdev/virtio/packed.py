@@ -92,17 +92,18 @@ class PackedQueue(Virtqueue):
     def _pop(self) -> DescriptorChain | None:
         if not self.has_available():
             return None
-        chain = DescriptorChain(0, [], [], 0, [], 0, 0, 0)
+        descs: list[tuple[int, int, int]] = []
         pos, wrap = self._next_avail, self._avail_wrap
+        unpack, table = DESC.unpack_from, self._desc
         for count in range(1, self.size + 1):
-            addr, length, buffer_id, flags = DESC.unpack_from(self._desc, DESC_SIZE * pos)
+            addr, length, buffer_id, flags = unpack(table, DESC_SIZE * pos)
             if count > 1 and not is_available(flags, wrap):
                 raise self._error(f"chain continues into descriptor {pos}, not made available")
             if flags & F_INDIRECT:
-                table = self._indirect_table(addr, length, flags, first=count == 1)
-                self._read_indirect(chain, table)
+                indirect = self._indirect_table(addr, length, flags, first=count == 1)
+                descs = self._read_indirect(indirect)
             else:
-                self._add_buffer(chain, addr, length, flags)
+                descs.append((addr, length, flags))
             pos += 1
             if pos == self.size:
                 pos, wrap = 0, not wrap
@@ -111,16 +112,18 @@ class PackedQueue(Virtqueue):
         else:
             raise self._error("chain is longer than the queue")
         # The buffer id is the one of the last descriptor.
-        chain.head, chain.ndescs = buffer_id, count
+        chain = self._chain(buffer_id, count, descs)
         self._next_avail, self._avail_wrap = pos, wrap
         return chain
 
-    def _read_indirect(self, chain: DescriptorChain, table: bytes) -> None:
+    def _read_indirect(self, table: bytes) -> list[tuple[int, int, int]]:
         # Entries are consecutive; WRITE is their only meaningful flag.
+        descs = []
         for offset in range(0, len(table), DESC_SIZE):
             addr, length, _, flags = DESC.unpack_from(table, offset)
             self._check_indirect_entry(flags)
-            self._add_buffer(chain, addr, length, flags & F_WRITE)
+            descs.append((addr, length, flags & F_WRITE))
+        return descs
 
     def _fill(self, chain: DescriptorChain, written: int) -> None:
         offset = DESC_SIZE * self._next_used

@@ -191,23 +191,32 @@ class Virtqueue(ABC):
     def _error(self, message: str) -> DescriptorError:
         return DescriptorError(f"queue {self.index}: {message}")
 
-    def _add_buffer(self, chain: DescriptorChain, addr: int, length: int, flags: int) -> None:
-        """Append a direct descriptor's buffer to `chain`, bounds-checked."""
-        addrs = chain.addrs
-        try:
-            views = self._mem.gpa_views(addr, length)
-        except GuestMemoryError as exc:
-            raise self._error(f"descriptor buffer: {exc}") from exc
-        if flags & F_WRITE:
-            chain.writable += views
-            chain.writable_len += length
-        elif 2 * chain.nreadable != len(addrs):
-            raise self._error("device-readable descriptor after a device-writable one")
-        else:
-            chain.readable += views
-            chain.readable_len += length
-            chain.nreadable += 1
-        addrs += (addr, length)
+    def _chain(self, head: int, ndescs: int, descs: list[tuple[int, int, int]]) -> DescriptorChain:
+        """The chain of direct descriptors `descs` ((addr, length, flags) each, as the
+        layout read them), every buffer bounds-checked and translated."""
+        gpa_views = self._mem.gpa_views
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        addrs: list[int] = []
+        readable_len = writable_len = nreadable = 0
+        for addr, length, flags in descs:
+            try:
+                views = gpa_views(addr, length)
+            except GuestMemoryError as exc:
+                raise self._error(f"descriptor buffer: {exc}") from exc
+            if flags & F_WRITE:
+                writable += views
+                writable_len += length
+            elif len(addrs) != 2 * nreadable:  # a writable one came before
+                raise self._error("device-readable descriptor after a device-writable one")
+            else:
+                readable += views
+                readable_len += length
+                nreadable += 1
+            addrs += (addr, length)
+        return DescriptorChain(
+            head, readable, writable, ndescs, addrs, nreadable, readable_len, writable_len
+        )
 
     def _indirect_table(self, addr: int, length: int, flags: int, first: bool) -> bytes:
         """Validate an INDIRECT descriptor and return a copy of the table it points to."""

@@ -96,16 +96,16 @@ class SplitQueue(Virtqueue):
     def _read_chain(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise self._error(f"head descriptor {head} is beyond the queue size")
-        chain = DescriptorChain(head, [], [], 0, [], 0, 0, 0)
+        descs: list[tuple[int, int, int]] = []
         index = head
-        unpack, desc, add = DESC.unpack_from, self._desc, self._add_buffer
+        unpack, table = DESC.unpack_from, self._desc
         for count in range(1, self.size + 1):
-            addr, length, flags, next_index = unpack(desc, DESC_SIZE * index)
+            addr, length, flags, next_index = unpack(table, DESC_SIZE * index)
             if flags & F_INDIRECT:
-                table = self._indirect_table(addr, length, flags, first=count == 1)
-                self._read_indirect(chain, table)
+                indirect = self._indirect_table(addr, length, flags, first=count == 1)
+                descs = self._read_indirect(indirect)
                 break
-            add(chain, addr, length, flags)
+            descs.append((addr, length, flags))
             if not flags & F_NEXT:
                 break
             if next_index >= self.size:
@@ -113,18 +113,18 @@ class SplitQueue(Virtqueue):
             index = next_index
         else:
             raise self._error(f"chain from head {head} is longer than the queue (a loop?)")
-        chain.ndescs = count
-        return chain
+        return self._chain(head, count, descs)
 
-    def _read_indirect(self, chain: DescriptorChain, table: bytes) -> None:
+    def _read_indirect(self, table: bytes) -> list[tuple[int, int, int]]:
         entries = len(table) // DESC_SIZE
+        descs = []
         index = 0
         for _ in range(entries):
             addr, length, flags, next_index = DESC.unpack_from(table, DESC_SIZE * index)
             self._check_indirect_entry(flags)
-            self._add_buffer(chain, addr, length, flags)
+            descs.append((addr, length, flags))
             if not flags & F_NEXT:
-                return
+                return descs
             if next_index >= entries:
                 raise self._error(
                     f"indirect descriptor {index} chains to {next_index}, beyond the table"
