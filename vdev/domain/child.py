@@ -151,6 +151,8 @@ class _Ring:
         self.kick_fd, self.call_fd = fds
 
     def notify(self) -> None:
+        """Publish what was filled; signal the core if it asked for it."""
+        self.queue.flush()
         if self.queue.should_notify():
             os.eventfd_write(self.call_fd, 1)
 
@@ -180,15 +182,17 @@ class _BlockRing(threading.Thread):
             os._exit(70)
 
     def drain(self) -> bool:
+        """Run what the ring holds, in order; publish the results once."""
         queue = self.ring.queue
         queue.disable_kicks()
-        busy = False
-        while (chain := queue.pop()) is not None:
-            busy = True
+        chains = queue.pop_batch(queue.size)
+        for chain in chains:
             self._execute(chain)
-            queue.push(chain, RESULT.size)
+            queue.fill(chain, RESULT.size)
         self.ring.notify()
-        return busy
+        if queue.failure is not None:
+            raise queue.failure  # the core broke the ring protocol
+        return bool(chains)
 
     def pending(self) -> bool:
         return self.ring.queue.has_available()
@@ -217,8 +221,10 @@ class _BlockRing(threading.Thread):
         else:
             if data is None:
                 data = data_in if kind == RequestType.IN else data_out
-            ranges = (Range(offset, length, bool(flags & OpFlag.UNMAP)),)
-            status = execute(self.backend, BlkRequest(kind, offset, data, length, ranges))
+            request = BlkRequest(kind, offset, data, length)
+            if kind in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
+                request.ranges = (Range(offset, length, bool(flags & OpFlag.UNMAP)),)
+            status = execute(self.backend, request)
         RESULT.pack_into(result, 0, status, 0)
 
     def _segments(self, table: memoryview, count: int) -> list[memoryview]:
