@@ -122,15 +122,16 @@ def mem_mib(mem: str | int) -> int:
 class GuestCommand:
     """A direct-kernel-boot guest; `argv` gives the full QEMU command line.
 
-    Guest RAM is always a shared memfd of size ``mem`` (memory.args) so vhost-user devices
-    can map it; the serial console is on QEMU's stdio. ``extra_args`` are argument lists,
+    Guest RAM is a shared memfd of size ``mem`` (memory.args) so vhost-user devices can
+    map it; ``mem=None`` leaves memory to ``extra_args`` (`vdev qemu-args` output as
+    printed). The serial console is on QEMU's stdio. ``extra_args`` are argument lists,
     typically from `render_args`.
     """
 
     kernel: Path
     initrd: Path | None = None
     append: str = DEFAULT_APPEND
-    mem: str | int = "512M"
+    mem: str | int | None = "512M"
     cpus: int = 1
     accel: str = "tcg"
     extra_args: Sequence[Sequence[str]] = ()
@@ -139,12 +140,14 @@ class GuestCommand:
     def argv(self) -> list[str]:
         if self.accel not in ("kvm", "tcg"):
             raise QemuError(f"accel must be 'kvm' or 'tcg' here, not {self.accel!r}")
-        mem = f"{mem_mib(self.mem)}M"
         argv = [self.qemu or find_qemu(), "-nodefaults", "-no-user-config", "-no-reboot"]
         argv += ["-display", "none", "-accel", self.accel]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]
-        argv += ["-smp", str(self.cpus), "-m", mem, *render_args("memory", mem_size=mem)]
+        argv += ["-smp", str(self.cpus)]
+        if self.mem is not None:
+            mem = f"{mem_mib(self.mem)}M"
+            argv += ["-m", mem, *render_args("memory", mem_size=mem)]
         argv += ["-kernel", str(self.kernel)]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]

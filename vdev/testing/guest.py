@@ -478,7 +478,7 @@ async def start_guest(
     script: str,
     *,
     qemu_args: Sequence[str] = (),
-    mem: str | int = "512M",
+    mem: str | int | None = "512M",
     cpus: int = 1,
     accel: str = "auto",
     image: GuestImage | None = None,
@@ -486,7 +486,8 @@ async def start_guest(
     """Boot a guest that runs ``script`` under /bin/sh, and yield it while it runs.
 
     ``qemu_args`` are appended to the command line (devices, typically `render_args`
-    output); guest RAM is a shared memfd of size ``mem``. QEMU is killed when the block
+    output); guest RAM is a shared memfd of size ``mem`` (None: ``qemu_args`` bring
+    their own, as `vdev qemu-args` prints them). QEMU is killed when the block
     exits, however it exits: call `Guest.wait` first to let the guest finish.
     """
     if image is None:
@@ -528,7 +529,7 @@ async def run_guest(
     script: str,
     *,
     qemu_args: Sequence[str] = (),
-    mem: str | int = "512M",
+    mem: str | int | None = "512M",
     cpus: int = 1,
     accel: str = "auto",
     timeout: float = 120.0,
