@@ -9,9 +9,6 @@ import logging
 import mmap
 import os
 import signal
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -39,22 +36,6 @@ GUEST_MEMFD = "memfd:vdev-fake-guest"
 
 def mappings(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
-
-
-@asynccontextmanager
-async def connect(path: Path, memory: FakeGuestMemory) -> AsyncIterator[Frontend]:
-    """A front-end session with guest memory of the test's choosing."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.connect(str(path))
-        fe = Frontend(sock, memory)
-        try:
-            yield fe
-        finally:
-            fe.close()
-    finally:
-        sock.close()
-        memory.close()
 
 
 async def write_and_read(fe: Frontend, sector: int = 0) -> tuple[int, int, bytes]:
@@ -93,7 +74,7 @@ async def test_guest_memory_above_2_63_does_not_collide(tmp_path: Path, image: P
     host = host_of(device)
     high = FakeGuestMemory(8 << 20, base=1 << 63, regions=2, memfd=True, user_offset=1 << 62)
     async with serve_device(device, tmp_path / "h.sock") as path:
-        async with connect(path, high) as fe:
+        async with Frontend.connect(path, memory=high) as fe:
             assert await write_and_read(fe) == (Status.OK, Status.OK, True)
         async with Frontend.connect(path) as fe:
             assert await write_and_read(fe, 64) == (Status.OK, Status.OK, True)

@@ -162,13 +162,7 @@ async def test_offloads_follow_the_negotiated_features(ns: str, guest_csum: bool
     rig = Rig(device, features=features)
 
     def send_udp(ipr: IPRoute) -> None:
-        ipr.neigh(
-            "add",
-            dst=GUEST_IP,
-            lladdr=":".join(f"{b:02x}" for b in MAC_A),
-            ifindex=netsetup.link_index(ipr, tap),
-            state=0x80,  # NUD_PERMANENT
-        )
+        add_guest_neighbour(ipr, tap)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"datagram" * 8, (GUEST_IP, 9999))
 
@@ -212,17 +206,22 @@ def test_tap_frames_without_a_device(ns: str) -> None:
     backend.close()
 
 
+def add_guest_neighbour(ipr: IPRoute, tap: str) -> None:
+    """The guest's MAC for its IP on `tap` (a permanent entry: no ARP needed)."""
+    ipr.neigh(
+        "add",
+        dst=GUEST_IP,
+        lladdr=":".join(f"{b:02x}" for b in MAC_A),
+        ifindex=netsetup.link_index(ipr, tap),
+        state=0x80,  # NUD_PERMANENT
+    )
+
+
 def send_udp_flows(tap: str, count: int) -> Callable[[IPRoute], None]:
     """A function that sends `count` datagrams to the guest, each from its own port."""
 
     def send(ipr: IPRoute) -> None:
-        ipr.neigh(
-            "add",
-            dst=GUEST_IP,
-            lladdr=":".join(f"{b:02x}" for b in MAC_A),
-            ifindex=netsetup.link_index(ipr, tap),
-            state=0x80,  # NUD_PERMANENT
-        )
+        add_guest_neighbour(ipr, tap)
         for _ in range(count):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 sock.sendto(b"flow", (GUEST_IP, 9999))

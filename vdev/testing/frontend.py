@@ -116,13 +116,20 @@ class Frontend:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, path: str | Path, *, mem_size: int = 8 << 20, regions: int = 2
+        cls,
+        path: str | Path,
+        *,
+        mem_size: int = 8 << 20,
+        regions: int = 2,
+        memory: FakeGuestMemory | None = None,
     ) -> AsyncIterator[Frontend]:
-        """Connect to a device socket, with memfd guest memory of `mem_size` bytes."""
+        """Connect to a device socket, with memfd guest memory of `mem_size` bytes (or
+        the given `memory`, closed at the end too)."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        memory = FakeGuestMemory(
-            mem_size, regions=regions, memfd=True, user_offset=0x7F00_0000_0000
-        )
+        if memory is None:
+            memory = FakeGuestMemory(
+                mem_size, regions=regions, memfd=True, user_offset=0x7F00_0000_0000
+            )
         try:
             await sock.connect(str(path))
             fe = cls(sock, memory)
