@@ -86,15 +86,11 @@ class QueueWorker:
         self._sleeping = False
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"vdev-q{group}", daemon=True)
-        self._token: trio.lowlevel.TrioToken | None = None
-        #: Counters: batches handled, sleeps, spins that found work.
-        self.stats = {"wakeups": 0, "sleeps": 0, "polls_found_work": 0}
 
     # --- control (trio side) ------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the thread: start it, and on cancellation stop it after its work."""
-        self._token = trio.lowlevel.current_trio_token()
         self._thread.start()
         try:
             task_status.started()
@@ -134,11 +130,6 @@ class QueueWorker:
     def dead(self) -> bool:
         """The thread has exited (stopped, or crashed)."""
         return self._dead
-
-    @property
-    def rings(self) -> int:
-        """How many vrings the worker serves (commands carried out so far)."""
-        return len(self._rings)
 
     def wake(self) -> None:
         """Make the thread look at its rings again (safe from any thread).
@@ -193,7 +184,6 @@ class QueueWorker:
             if self._has_work():
                 continue
             if self.poll.seconds and self._spin():
-                self.stats["polls_found_work"] += 1
                 continue
             if not self._arm():
                 self._disarm()
@@ -208,7 +198,6 @@ class QueueWorker:
             events = _epoll_wait(self._ep)
             self._sleeping = False
             self.poll.slept(time.monotonic() - started)
-            self.stats["sleeps"] += 1
             for fd, _ in events:
                 vring = self._watched.get(fd)
                 if fd == self._wake_fd or (vring is not None and fd == vring.kick_fd):
@@ -218,7 +207,6 @@ class QueueWorker:
 
     def _run(self, handle: Callable[[Vring], object], vring: Vring) -> None:
         """One pass of the device over `vring`; a fault stops that ring only."""
-        self.stats["wakeups"] += 1
         try:
             handle(vring)
             if vring.memory is not None:
@@ -344,6 +332,3 @@ class QueueWorkers:
             await self._nursery.start(worker.run)
             self._workers[group] = worker
         return worker
-
-    def stats(self) -> dict[int, dict[str, int]]:
-        return {group: dict(worker.stats) for group, worker in self._workers.items()}
