@@ -153,7 +153,7 @@ class FileBackend(BlockBackend):
         _transfer(op, self._fd, offset, buffers)
 
     @property
-    def direct_fd(self) -> int | None:
+    def direct_fd(self) -> int | None:  # type: ignore[override]
         """The O_DIRECT descriptor (`direct`), for executors that submit to it."""
         return self._direct_fd
 

@@ -62,6 +62,9 @@ class BlockBackend:
     #: With `max_concurrency` > 1: requests up to this many bytes still run inline on
     #: the queue's worker thread (a hand-off costs more than a small page-cache copy).
     inline_bytes: int = 0
+    #: A file descriptor opened with O_DIRECT on the same data, if the backend has one:
+    #: the device then submits reads and writes to it with Linux AIO, a batch at once.
+    direct_fd: int | None = None
 
     def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
         """Fill `buffers`, in order, with the bytes starting at `offset`."""

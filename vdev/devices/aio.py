@@ -204,7 +204,7 @@ def default_executor(backend: BlockBackend) -> Executor:
     """The in-process executor a backend asks for: AIO on its O_DIRECT descriptor
     (`direct_fd`) where Linux AIO works, else I/O threads (`max_concurrency`,
     `inline_bytes`), else inline."""
-    fd = getattr(backend, "direct_fd", None)
+    fd = backend.direct_fd
     if fd is not None and available():
         return AioExecutor(backend, fd)
     threads = max(1, int(getattr(backend, "max_concurrency", 1)))
