@@ -63,9 +63,6 @@ class Device:
     device_id: ClassVar[int]
     #: Extra vhost-user protocol feature bits this device needs (e.g. RARP).
     protocol_features: ClassVar[int] = 0
-    #: Whether the front-end reads the config space over vhost-user (protocol feature
-    #: CONFIG): QEMU does for blk, not for net (it warns when CONFIG is offered).
-    config_space: ClassVar[bool] = True
 
     def __init__(self, *, num_queues: int = 1, max_queue_size: int = 1024) -> None:
         self.num_queues = num_queues
@@ -79,6 +76,14 @@ class Device:
     def config(self) -> bytes:
         """The device configuration space, as the driver reads it."""
         return b""
+
+    @property
+    def config_space(self) -> bool:
+        """Whether the front-end reads the config space over vhost-user (protocol
+        feature CONFIG): by default when the device has one (overrides `config`). QEMU
+        does for blk; for net it does not and warns when CONFIG is offered, so
+        NetDevice says False."""
+        return type(self).config is not Device.config
 
     def write_config(self, offset: int, data: bytes) -> None:
         """The driver wrote `data` at `offset` of the configuration space."""

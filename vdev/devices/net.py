@@ -273,8 +273,9 @@ class NetDevice(Device):
     """A virtio-net device whose frames come from and go to a NetBackend."""
 
     device_id: ClassVar[int] = 1
+    #: QEMU reads a vhost-user NIC's config itself and warns when CONFIG is offered.
+    config_space = False  # type: ignore[assignment]
     protocol_features: ClassVar[int] = ProtocolFeature.RARP | ProtocolFeature.NET_MTU
-    config_space: ClassVar[bool] = False
 
     def __init__(
         self,
