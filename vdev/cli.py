@@ -152,6 +152,14 @@ def _build_parser() -> Parser:
         help="let queue workers spin up to US microseconds on an idle ring before sleeping "
         "(adaptive: only while sleeps turn out short; default 50, 0: never spin)",
     )
+    run.add_argument(
+        "--queue-threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker threads serving each device's queues (default 1: Python threads "
+        "share one lock, so more only pay off for backends that wait outside it)",
+    )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")
     blk = run.add_argument_group("block backends")
@@ -365,6 +373,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         for spec in specs:
             devices.append(build_device(spec))
+            devices[-1].queue_threads = args.queue_threads
         _tune_gc()
         servers = [
             DeviceServer(d, s.socket, client=s.client, poll_max=args.poll_us * 1e-6)

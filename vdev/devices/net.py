@@ -406,7 +406,7 @@ class NetDevice(Device):
     # --- queues (on the pair's worker thread) ------------------------------------------
 
     def queue_group(self, index: int) -> int:
-        return index // 2
+        return index // 2 % self.queue_threads  # a pair's RX and TX share a thread
 
     def start_queue(self, queue: Queue) -> None:
         pair, is_tx = divmod(queue.index, 2)
