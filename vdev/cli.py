@@ -157,8 +157,9 @@ def _build_parser() -> Parser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="worker threads serving each device's queues (default 1: Python threads "
-        "share one lock, so more only pay off for backends that wait outside it)",
+        help="worker threads serving each block or plugin device's queues (default 1: "
+        "Python threads share one lock, so more only pay off for backends that wait "
+        "outside it); a NIC always has one per queue pair",
     )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")

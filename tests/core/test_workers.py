@@ -113,16 +113,16 @@ async def test_queues_share_one_worker_thread_unless_asked_for_more(tmp_path: Pa
     for threads in (1, 2):
         device = BlkDevice(RamBackend(1 << 20), queues=2)
         device.queue_threads = threads
-        async with serve_device(device, tmp_path / f"t{threads}.sock") as path:
-            async with Frontend.connect(path) as fe:
-                await fe.negotiate()
-                queues = [await fe.setup_queue(i, size=16) for i in (0, 1)]
-                with trio.fail_after(10):
-                    for q in queues:
-                        used = await q.transact([header(RequestType.IN, 0)], [SECTOR, 1])
-                        assert used.last_byte == Status.OK
-                workers = {t.name for t in threading.enumerate() if t.name.startswith("vdev-q")}
-                assert len(workers) == threads
+        sock = tmp_path / f"t{threads}.sock"
+        async with serve_device(device, sock) as path, Frontend.connect(path) as fe:
+            await fe.negotiate()
+            queues = [await fe.setup_queue(i, size=16) for i in (0, 1)]
+            with trio.fail_after(10):
+                for q in queues:
+                    used = await q.transact([header(RequestType.IN, 0)], [SECTOR, 1])
+                    assert used.last_byte == Status.OK
+            workers = {t.name for t in threading.enumerate() if t.name.startswith("vdev-q")}
+            assert len(workers) == threads
         stats = device.stats()
         assert (stats["queue0_requests"], stats["queue1_requests"]) == (1, 1)
         device.close()

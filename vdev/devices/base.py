@@ -102,7 +102,7 @@ class Device:
 
     def queue_group(self, index: int) -> int:
         """Queues of one group share a worker thread: queue `index` goes to thread
-        ``index % queue_threads`` (a net device counts queue pairs)."""
+        ``index % queue_threads`` (a net device gives each queue pair its own)."""
         return index % self.queue_threads
 
     def start_queue(self, queue: Queue) -> None:

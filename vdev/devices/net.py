@@ -406,7 +406,9 @@ class NetDevice(Device):
     # --- queues (on the pair's worker thread) ------------------------------------------
 
     def queue_group(self, index: int) -> int:
-        return index // 2 % self.queue_threads  # a pair's RX and TX share a thread
+        """A thread per queue pair, whatever `queue_threads` says: a frame delivered on
+        a pair's worker goes back to that pair (found by thread), so pairs never share."""
+        return index // 2
 
     def start_queue(self, queue: Queue) -> None:
         pair, is_tx = divmod(queue.index, 2)
