@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vdev.backend import BlockBackend
+from vdev.devices.blk import split_at
 from vdev.devices.blk_requests import BlkRequest, Range, RequestType, Status
 from vdev.domain.attributes import attribute
 from vdev.domain.channel import (
@@ -202,18 +203,10 @@ class DomainExecutor:
         chunk = self.ring.arena.capacity // 4
         pieces = []
         offset = request.offset
-        views = [v for v in request.data if v.nbytes]
+        views = list(request.data)
         while views:
-            part, size = [], 0
-            while views and size < chunk:
-                view = views[0]
-                take = min(view.nbytes, chunk - size)
-                part.append(view[:take])
-                size += take
-                if take == view.nbytes:
-                    views.pop(0)
-                else:
-                    views[0] = view[take:]
+            part, views = split_at(views, chunk)
+            size = sum(v.nbytes for v in part)
             pieces.append(_Piece(request, op, offset, size, part))
             offset += size
         return pieces
