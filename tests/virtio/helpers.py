@@ -43,7 +43,12 @@ class Pair:
 
 
 def device_queue(
-    mem: FakeGuestMemory, driver: DriverSplitRing | DriverPackedRing, *, base: int, index: int = 0
+    mem: FakeGuestMemory,
+    driver: DriverSplitRing | DriverPackedRing,
+    *,
+    base: int,
+    index: int = 0,
+    inflight: memoryview | None = None,
 ) -> Virtqueue:
     return make_queue(
         mem,
@@ -54,6 +59,7 @@ def device_queue(
         driver.used_addr,
         features=driver.features,
         base=base,
+        inflight=inflight,
     )
 
 

@@ -8,8 +8,11 @@ suppression area (Driver Area) and the "used" address the device event suppressi
 
 from __future__ import annotations
 
+from collections import deque
+
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import VirtioError
+from vdev.virtio.inflight import PackedInflight, RingDesc
 from vdev.virtio.layout import (
     DESC,
     DESC_SIZE,
@@ -41,7 +44,8 @@ class PackedQueue(Virtqueue):
     `avail` is the driver event suppression area and `used` the device event
     suppression area (see the module docstring). `base` uses the vhost-user encoding:
     bits 0-14 next available position, bit 15 its wrap counter, bits 16-30 next used
-    position, bit 31 its wrap counter.
+    position, bit 31 its wrap counter. With `inflight` holding a previous owner's
+    records, the positions come from them and the chains in flight are handed out first.
     """
 
     def __init__(
@@ -55,9 +59,10 @@ class PackedQueue(Virtqueue):
         *,
         features: int,
         base: int = PACKED_INITIAL_BASE,
+        inflight: PackedInflight | None = None,
     ) -> None:
         desc_len, driver_len, device_len = packed_ring_sizes(size)
-        super().__init__(mem, index, size, features)
+        super().__init__(mem, index, size, features, inflight)
         self._check_area("descriptor ring", desc, desc_len)
         self._check_area("driver event suppression", avail, driver_len)
         self._check_area("device event suppression", used, device_len)
@@ -69,6 +74,13 @@ class PackedQueue(Virtqueue):
         self._desc = desc
         #: The descriptor ring as u16s, to store a flags field in a single 16-bit store.
         self._desc_u16 = desc[:desc_len].cast("H")
+        self._resubmit: deque[list[RingDesc]] = deque()
+        if inflight is not None:
+            state = inflight.recover(self._flags, self._next_used, self._used_wrap)
+            if state is not None:
+                self._next_avail, self._avail_wrap = state.next_avail, state.avail_wrap
+                self._next_used, self._used_wrap = state.next_used, state.used_wrap
+                self._resubmit.extend(state.chains)
         self._driver_event = avail
         self._device_event = used
         #: Descriptors used since the last `should_notify`.
@@ -80,7 +92,9 @@ class PackedQueue(Virtqueue):
         self._set_kicks(True)
 
     def has_available(self) -> bool:
-        return not self.broken and is_available(self._flags(self._next_avail), self._avail_wrap)
+        return not self.broken and (
+            bool(self._resubmit) or is_available(self._flags(self._next_avail), self._avail_wrap)
+        )
 
     def get_base(self) -> int:
         avail = off_wrap(self._next_avail, self._avail_wrap)
@@ -90,20 +104,38 @@ class PackedQueue(Virtqueue):
         return U16.unpack_from(self._desc, DESC_SIZE * pos + PACKED_FLAGS_OFFSET)[0]
 
     def _pop(self) -> DescriptorChain | None:
-        if not self.has_available():
+        resubmit = bool(self._resubmit)  # already recorded in the region
+        if resubmit:
+            ring_descs = self._resubmit.popleft()
+            self.resubmitted += 1
+        elif self.has_available():
+            ring_descs = self._take_avail()
+        else:
             return None
         descs: list[tuple[int, int, int]] = []
-        pos, wrap = self._next_avail, self._avail_wrap
-        unpack, table = DESC.unpack_from, self._desc
-        for count in range(1, self.size + 1):
-            addr, length, buffer_id, flags = unpack(table, DESC_SIZE * pos)
-            if count > 1 and not is_available(flags, wrap):
-                raise self._error(f"chain continues into descriptor {pos}, not made available")
+        for n, (addr, length, _, flags) in enumerate(ring_descs):
             if flags & F_INDIRECT:
-                indirect = self._indirect_table(addr, length, flags, first=count == 1)
+                indirect = self._indirect_table(addr, length, flags, first=n == 0)
                 descs = self._read_indirect(indirect)
             else:
                 descs.append((addr, length, flags))
+        # The buffer id is the one of the last descriptor.
+        chain = self._chain(ring_descs[-1][2], len(ring_descs), descs)
+        if self._inflight is not None and not resubmit:
+            self._inflight.popped(ring_descs)
+        return chain
+
+    def _take_avail(self) -> list[RingDesc]:
+        """The ring descriptors of the next available chain; the position moves past it."""
+        ring_descs: list[RingDesc] = []
+        pos, wrap = self._next_avail, self._avail_wrap
+        unpack, table = DESC.unpack_from, self._desc
+        for count in range(1, self.size + 1):
+            desc = unpack(table, DESC_SIZE * pos)
+            flags = desc[3]
+            if count > 1 and not is_available(flags, wrap):
+                raise self._error(f"chain continues into descriptor {pos}, not made available")
+            ring_descs.append(desc)
             pos += 1
             if pos == self.size:
                 pos, wrap = 0, not wrap
@@ -111,10 +143,8 @@ class PackedQueue(Virtqueue):
                 break
         else:
             raise self._error("chain is longer than the queue")
-        # The buffer id is the one of the last descriptor.
-        chain = self._chain(buffer_id, count, descs)
         self._next_avail, self._avail_wrap = pos, wrap
-        return chain
+        return ring_descs
 
     def _read_indirect(self, table: bytes) -> list[tuple[int, int, int]]:
         # Entries are consecutive; WRITE is their only meaningful flag.
@@ -145,9 +175,17 @@ class PackedQueue(Virtqueue):
         # Not U16.pack_into, which zero-fills first: in a wrap-0 lap the driver would
         # take the transient 0 for "used", reuse the descriptor, and then lose its new
         # flags under our store.
-        pending, field = self._unpublished_flags, self._desc_u16
-        for index, flags in reversed(pending):
-            field[index] = flags
+        pending, field, inflight = self._unpublished_flags, self._desc_u16, self._inflight
+        if inflight is None:
+            for index, flags in reversed(pending):
+                field[index] = flags
+        else:
+            # In ring order, one chain at a time: the region records where a crash
+            # between two flags stores left the ring.
+            for index, flags in pending:
+                inflight.returning()
+                field[index] = flags
+                inflight.returned()
         pending.clear()
 
     def _need_notify(self, pushed: int) -> bool:

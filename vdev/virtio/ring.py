@@ -19,18 +19,26 @@ The API is batch-shaped, as libvhost-user's (pop / fill / flush / notify)::
 in what the driver wrote breaks that queue only: `pop` raises `DescriptorError`,
 `pop_batch` returns the good chains before the bad one and leaves the error in
 `failure`.
+
+With an in-flight region (`vdev.virtio.inflight`) the queue records each chain it hands
+out until its used entry is published, and after a crash of the previous owner hands
+out the recorded ones again, first and in their original order.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import DescriptorError, GuestMemoryError, VirtioError
 from vdev.virtio.features import VirtioFeature
 from vdev.virtio.layout import DESC_SIZE, F_INDIRECT, F_NEXT, F_WRITE, Fence
 from vdev.virtio.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vdev.virtio.inflight import PackedInflight, SplitInflight
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,14 @@ MIN_INDIRECT_LIMIT = 128
 class Virtqueue(ABC):
     """One virtqueue over guest memory (split or packed)."""
 
-    def __init__(self, mem: GuestMemory, index: int, size: int, features: int) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        index: int,
+        size: int,
+        features: int,
+        inflight: SplitInflight | PackedInflight | None = None,
+    ) -> None:
         self.index = index
         self.size = size
         #: Set once the driver put a malformed chain on the queue; nothing is popped then.
@@ -62,6 +77,9 @@ class Virtqueue(ABC):
         self._unpublished = 0
         #: Chains published since the last `should_notify`.
         self._pushed = 0
+        self._inflight = inflight
+        #: Chains re-submitted after a crash of the previous owner (so far).
+        self.resubmitted = 0
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else f"{len(self._in_flight)} in flight"
@@ -82,6 +100,8 @@ class Virtqueue(ABC):
         if self.broken:
             return chains
         in_flight = self._in_flight
+        if self._unpublished and self._inflight is not None:
+            self.flush()  # the region records takings only between published batches
         try:
             while len(chains) < limit:
                 chain = self._pop()
@@ -128,6 +148,8 @@ class Virtqueue(ABC):
         except KeyError:
             raise ValueError(f"{self!r}: chain {chain.head} is not in flight") from None
         self._fill(chain, written)
+        if self._inflight is not None:
+            self._inflight.filled(chain.head)
         self._unpublished += 1
 
     def flush(self) -> None:

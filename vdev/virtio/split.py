@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import VirtioError
+from vdev.virtio.inflight import SplitInflight
 from vdev.virtio.layout import (
     DESC,
     DESC_SIZE,
@@ -31,7 +34,9 @@ class SplitQueue(Virtqueue):
 
     `desc`, `avail` and `used` are views of the three ring areas; `base` is the
     SET_VRING_BASE value (the next avail ring entry to process). The used index is read
-    from the used ring, where the previous owner of the queue left it.
+    from the used ring, where the previous owner of the queue left it. With `inflight`
+    holding a previous owner's records, the queue resumes from them instead: the chains
+    in flight first, then the avail entries after them.
     """
 
     def __init__(
@@ -45,9 +50,10 @@ class SplitQueue(Virtqueue):
         *,
         features: int,
         base: int = 0,
+        inflight: SplitInflight | None = None,
     ) -> None:
         desc_len, avail_len, used_len = split_ring_sizes(size)
-        super().__init__(mem, index, size, features)
+        super().__init__(mem, index, size, features, inflight)
         self._check_area("descriptor table", desc, desc_len)
         self._check_area("avail ring", avail, avail_len)
         self._check_area("used ring", used, used_len)
@@ -65,10 +71,18 @@ class SplitQueue(Virtqueue):
         self._used_idx = U16.unpack_from(used, _IDX_OFFSET)[0]
         #: used.idx as a one-element u16 array: item assignment is a single 16-bit store.
         self._used_idx_field = used[_IDX_OFFSET : _IDX_OFFSET + U16.size].cast("H")
+        self._resubmit: deque[int] = deque()
+        if inflight is not None:
+            heads = inflight.recover(self._used_idx)
+            if heads is not None:
+                self._resubmit.extend(heads)
+                self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
         self._set_kicks(True)
 
     def has_available(self) -> bool:
-        return not self.broken and self._read_avail_idx() != self._last_avail
+        return not self.broken and (
+            bool(self._resubmit) or self._read_avail_idx() != self._last_avail
+        )
 
     def get_base(self) -> int:
         return self._last_avail
@@ -77,6 +91,15 @@ class SplitQueue(Virtqueue):
         return U16.unpack_from(self._avail, _IDX_OFFSET)[0]
 
     def _pop(self) -> DescriptorChain | None:
+        if self._resubmit:  # already recorded in the region
+            self.resubmitted += 1
+            return self._read_chain(self._resubmit.popleft())
+        chain = self._pop_avail()
+        if chain is not None and self._inflight is not None:
+            self._inflight.popped(chain.head)
+        return chain
+
+    def _pop_avail(self) -> DescriptorChain | None:
         if self._shadow_avail == self._last_avail:
             self._shadow_avail = self._read_avail_idx()
             pending = (self._shadow_avail - self._last_avail) & 0xFFFF
@@ -146,6 +169,8 @@ class SplitQueue(Virtqueue):
         # driver polling from another CPU (DPDK) then sees used.idx == 0 for an instant,
         # takes stale used entries for new ones and corrupts its free list.
         self._used_idx_field[0] = self._used_idx
+        if self._inflight is not None:
+            self._inflight.published(self._used_idx)
 
     def _need_notify(self, pushed: int) -> bool:
         return split_notification_wanted(
