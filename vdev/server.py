@@ -17,6 +17,7 @@ import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -27,6 +28,7 @@ from vdev.protocol import (
     F_PROTOCOL_FEATURES,
     BackendConnection,
     DeviceConfig,
+    InflightDescription,
     MemoryRegionUpdate,
     MemoryTable,
     Message,
@@ -38,6 +40,7 @@ from vdev.protocol import (
 )
 from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import TRANSPORT_FEATURES
+from vdev.virtio.inflight import InflightBuffer
 from vdev.virtio.memory import GuestMemory
 from vdev.vring import Vring
 from vdev.worker import POLL_MAX, QueueWorkers
@@ -52,6 +55,7 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
+    | ProtocolFeature.INFLIGHT_SHMFD
 )
 MAX_MEM_SLOTS = 509
 #: How long a new connection waits for the previous session to wind down.
@@ -108,6 +112,14 @@ class ErrorLog:
             self._suppressed = 0
 
 
+@dataclass(frozen=True)
+class WithFds:
+    """A handler's result whose reply carries fds (they stay the handler's)."""
+
+    result: object
+    fds: tuple[int, ...]
+
+
 class Session:
     """One front-end connection to one device."""
 
@@ -135,6 +147,8 @@ class Session:
             max_mem_slots=MAX_MEM_SLOTS,
         )
         self._workers: QueueWorkers | None = None
+        #: The INFLIGHT_SHMFD buffer the front-end asked for or handed back, if any.
+        self.inflight: InflightBuffer | None = None
 
     async def run(self) -> None:
         """Serve the front-end until it disconnects or breaks the protocol."""
@@ -155,6 +169,7 @@ class Session:
             self.conn.close()
             for vring in self.vrings:
                 vring.close()
+            self._set_inflight(None)
             self.memory.close()
             # Unmaps the departed front-end's memory wherever else it is mapped (a
             # driver-domain child).
@@ -212,11 +227,14 @@ class Session:
                 if not self.conn.fail(msg, str(exc)):
                     return False
             else:
-                self.conn.complete(msg, result)
+                if isinstance(result, WithFds):
+                    self.conn.complete(msg, result.result, result.fds)
+                else:
+                    self.conn.complete(msg, result)
             await self._send()
 
     async def _send(self) -> None:
-        await send_with_fds(self.sock, self.conn.data_to_send())
+        await send_with_fds(self.sock, self.conn.data_to_send(), self.conn.fds_to_send())
 
     # --- request handlers ------------------------------------------------------------
 
@@ -352,6 +370,33 @@ class Session:
     async def _on_get_status(self, msg: Message) -> int:
         return self.status
 
+    async def _on_get_inflight_fd(self, msg: Message) -> WithFds:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        async with self._stopped_vrings():
+            self._set_inflight(InflightBuffer.create(d.num_queues, d.queue_size))
+        assert self.inflight is not None
+        reply = InflightDescription(self.inflight.mmap_size, 0, d.num_queues, d.queue_size)
+        return WithFds(reply, (self.inflight.fd,))
+
+    async def _on_set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        try:
+            buffer = InflightBuffer(
+                msg.fds[0], d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size
+            )
+        except BaseException:
+            os.close(msg.fds[0])
+            raise
+        async with self._stopped_vrings():
+            self._set_inflight(buffer)
+
+    def _set_inflight(self, buffer: InflightBuffer | None) -> None:
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = buffer
+
     # --- helpers ---------------------------------------------------------------------
 
     def _vring(self, payload: object) -> Vring:
@@ -360,8 +405,15 @@ class Session:
 
     async def _start(self, vring: Vring) -> None:
         if vring.ready and not vring.running and self.memory.regions:
-            assert self._workers is not None
-            await vring.start(self._workers, self.memory, self.device.acked_features)
+            await self._restart(vring)
+
+    async def _restart(self, vring: Vring) -> None:
+        assert self._workers is not None
+        inflight = self.inflight
+        region = None
+        if inflight is not None and vring.index < inflight.num_queues:
+            region = inflight.region(vring.index)
+        await vring.start(self._workers, self.memory, self.device.acked_features, region)
 
     async def _memory_changed(self) -> None:
         """Tell the device, in a thread: a driver-domain child maps the memory too, and
@@ -375,19 +427,27 @@ class Session:
         They restart even when the change failed half-way: a vring whose areas are no
         longer mapped fails alone (its err eventfd is signalled), the others go on.
         """
+        async with self._stopped_vrings():
+            try:
+                yield
+            finally:
+                await self._memory_changed()
+
+    @contextlib.asynccontextmanager
+    async def _stopped_vrings(self) -> AsyncIterator[None]:
+        """Stop the running vrings for a change, then restart them (a vring that cannot
+        restart fails alone: its err eventfd is signalled, the others go on)."""
         running = [v for v in self.vrings if v.running]
         for vring in running:
             await vring.stop()
         try:
             yield
         finally:
-            await self._memory_changed()
-            assert self._workers is not None
             for vring in running:
                 try:
-                    await vring.start(self._workers, self.memory, self.device.acked_features)
+                    await self._restart(vring)
                 except VirtioError as exc:
-                    vring.fail(f"cannot restart after a memory change: {exc}")
+                    vring.fail(f"cannot restart: {exc}")
 
     async def _stop_all(self) -> None:
         for vring in self.vrings:

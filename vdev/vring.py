@@ -71,8 +71,15 @@ class Vring:
         """The ring is built and has not failed (what the worker serves)."""
         return self.ring is not None and self.failure is None
 
-    async def start(self, workers: QueueWorkers, memory: GuestMemory, features: int) -> None:
-        """Build the ring over `memory` and hand it to its group's worker."""
+    async def start(
+        self,
+        workers: QueueWorkers,
+        memory: GuestMemory,
+        features: int,
+        inflight: memoryview | None = None,
+    ) -> None:
+        """Build the ring over `memory` (tracking requests in `inflight`, the queue's
+        region of an INFLIGHT_SHMFD buffer, if given) and hand it to its group's worker."""
         assert self.address is not None and not self.running
         self.ring = make_queue(
             memory,
@@ -83,7 +90,15 @@ class Vring:
             self.address.used_user_addr,
             features=features,
             base=self._ring_base(features),
+            inflight=inflight,
         )
+        if self.ring.recovered:
+            log.info(
+                "queue %d: re-submitting %d requests left in flight by the previous back-end",
+                self.index,
+                self.ring.recovered,
+            )
+            self.counters["resubmitted"] = self.counters.get("resubmitted", 0) + self.ring.recovered
         self.failure = None
         self.memory = memory
         self._worker = await workers.get(self.index)

@@ -11,6 +11,7 @@ from vdev.protocol import (
     SUPPORTED_PROTOCOL_FEATURES,
     BackendConnection,
     DeviceConfig,
+    InflightDescription,
     FrontendConnection,
     MemoryRegion,
     MemoryRegionUpdate,
@@ -27,6 +28,7 @@ VIRTIO_F_VERSION_1 = 1 << 32
 FEATURES = F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1 | (1 << 34) | 0x3F
 NUM_QUEUES = 2
 
+u16 = st.integers(0, 2**16 - 1)
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 regions = st.builds(MemoryRegion, u64, u64, u64, u64)
@@ -42,6 +44,7 @@ PAYLOADS: dict[PayloadKind, st.SearchStrategy[object]] = {
     PayloadKind.DEVICE_CONFIG: st.binary(max_size=256).flatmap(
         lambda data: st.builds(DeviceConfig, u32, st.just(len(data)), u32, st.just(data))
     ),
+    PayloadKind.INFLIGHT: st.builds(InflightDescription, u64, u64, u16, u16),
 }
 
 

@@ -256,7 +256,6 @@ INVALID: list[tuple[int, bytes, int, str]] = [
     (Request.SET_LOG_BASE, b"\0" * 16, 1, "request is not supported"),
     (Request.SET_LOG_FD, b"", 1, "request is not supported"),
     (Request.IOTLB_MSG, b"\0" * 32, 0, "request is not supported"),
-    (Request.SET_INFLIGHT_FD, b"\0" * 20, 1, "request is not supported"),
     (Request.SET_BACKEND_REQ_FD, b"", 1, "request is not supported"),
     (Request.SET_VRING_ENDIAN, state(0, 0), 0, "request is not supported"),
     (Request.VRING_KICK, state(0, 0), 0, "request is not supported"),
@@ -448,7 +447,6 @@ def test_local_misuse(session: Session) -> None:
     ("options", "text"),
     [
         ({"protocol_features": int(ProtocolFeature.LOG_SHMFD)}, "not implemented"),
-        ({"protocol_features": int(ProtocolFeature.INFLIGHT_SHMFD)}, "not implemented"),
         ({"features": 1 << 32}, "without F_PROTOCOL_FEATURES"),
         ({"features": FEATURES | 1 << 26}, "VHOST_F_LOG_ALL"),
         ({"features": FEATURES | 1 << 33}, "VIRTIO_F_ACCESS_PLATFORM"),

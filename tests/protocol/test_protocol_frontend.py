@@ -104,7 +104,7 @@ def test_unsolicited_reply_and_reply_fds(ledger: FdLedger) -> None:
     frontend.send(Request.GET_FEATURES)
     fds = ledger.new(2)
     frontend.receive_data(encode_message(Request.GET_FEATURES, REPLY, U64.pack(1)), fds)
-    with pytest.raises(RemoteProtocolError, match="reply carries fds"):
+    with pytest.raises(RemoteProtocolError, match="reply carries 2 fds, not 0"):
         frontend.next_reply()
     assert ledger.open == set()
     frontend.receive_data(b"\0", ledger.new())

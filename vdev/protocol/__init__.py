@@ -16,6 +16,7 @@ from .constants import (
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     DeviceConfig,
+    InflightDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -39,6 +40,7 @@ __all__ = [
     "DeviceConfig",
     "FrontendConnection",
     "HeaderFlag",
+    "InflightDescription",
     "LocalProtocolError",
     "MemoryRegion",
     "MemoryRegionUpdate",

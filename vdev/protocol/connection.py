@@ -33,6 +33,7 @@ from .framing import FrameReader, RawMessage, encode_message, request_name
 from .messages import (
     U64,
     DeviceConfig,
+    InflightDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -157,6 +158,7 @@ class BackendConnection:
         self._close_fd = close_fd
         self._reader = FrameReader()
         self._outbox = bytearray()
+        self._outbox_fds: list[int] = []
         self._pending: Message | None = None
         self._dead: ProtocolError | None = None
         self._acked_features = 0
@@ -222,14 +224,19 @@ class BackendConnection:
             self._pending = msg
             return msg
 
-    def complete(self, msg: Message, result: object = None) -> None:
+    def complete(self, msg: Message, result: object = None, fds: Sequence[int] = ()) -> None:
         """Report that the handler of ``msg`` succeeded and queue its reply.
 
         ``result`` is a VringState for GET_VRING_BASE, the config bytes for GET_CONFIG,
-        the status int for GET_STATUS and None for everything else.
+        the status int for GET_STATUS, an InflightDescription (and its fd in ``fds``)
+        for GET_INFLIGHT_FD and None for everything else. The fds go out with the
+        reply (``fds_to_send``); the caller still owns them.
         """
         self._check_pending(msg)
+        if len(fds) != RULES[msg.request].reply_fd:
+            raise LocalProtocolError(f"{len(fds)} fds for this reply", request=msg.request)
         self._finish(msg, result)
+        self._outbox_fds += fds
         self._pending = None
 
     def fail(self, msg: Message, reason: str) -> bool:
@@ -255,6 +262,11 @@ class BackendConnection:
         data = bytes(self._outbox)
         self._outbox.clear()
         return data
+
+    def fds_to_send(self) -> list[int]:
+        """The fds to send with that data (as SCM_RIGHTS, with its first byte)."""
+        fds, self._outbox_fds = self._outbox_fds, []
+        return fds
 
     def close(self) -> None:
         """Close the fds received but not handed out; the connection is then unusable."""
@@ -399,6 +411,11 @@ class BackendConnection:
                     raise ValueError(
                         f"config range {offset}+{size} is empty or beyond {MAX_CONFIG_SIZE} bytes"
                     )
+            case Request.GET_INFLIGHT_FD | Request.SET_INFLIGHT_FD, InflightDescription() as d:
+                if not 1 <= d.num_queues <= self.num_queues:
+                    raise ValueError(f"in-flight buffer for {d.num_queues} queues")
+                if not 1 <= d.queue_size <= self.max_queue_size:
+                    raise ValueError(f"in-flight buffer for queues of {d.queue_size}")
             case Request.SET_STATUS, int(status):
                 if status >= _STATUS_LIMIT:
                     raise ValueError(f"device status 0x{status:x} does not fit in 8 bits")
@@ -536,9 +553,13 @@ class FrontendConnection:
         raw = self._reader.next_message()
         if raw is None:
             return None
-        if raw.fds:
+        try:
+            return self._decode_reply(raw)
+        except RemoteProtocolError:
             self._close_all(raw.fds)
-            raise RemoteProtocolError("reply carries fds", request=request_name(raw.request))
+            raise
+
+    def _decode_reply(self, raw: RawMessage) -> Message:
         if not self._expected:
             raise RemoteProtocolError("reply to no request", request=request_name(raw.request))
         request, kind = self._expected.popleft()
@@ -548,11 +569,17 @@ class FrontendConnection:
             raise RemoteProtocolError("reply flag missing", request=request)
         if kind is PayloadKind.DEVICE_CONFIG and not raw.payload:
             return Message(request, raw.flags, None)
+        rule = RULES.get(request)
+        fds = 1 if rule is not None and rule.reply_fd and kind is rule.reply else 0
+        if len(raw.fds) != fds:
+            raise RemoteProtocolError(
+                f"reply carries {len(raw.fds)} fds, not {fds}", request=request
+            )
         try:
             payload = decode_payload(kind, raw.payload)
         except ValueError as exc:
             raise RemoteProtocolError(str(exc), request=request) from None
-        return Message(request, raw.flags, payload)
+        return Message(request, raw.flags, payload, tuple(raw.fds))
 
     def close(self) -> None:
         """Close fds received but not attached to a reply."""

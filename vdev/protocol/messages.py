@@ -61,6 +61,18 @@ class VringAddress(_FixedPayload):
 
 
 @dataclass(frozen=True)
+class InflightDescription(_FixedPayload):
+    """GET/SET_INFLIGHT_FD: where the in-flight buffer lies in its fd, and the queues
+    it covers (QEMU's VhostUserInflight, padded to 24 bytes)."""
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQHH4x")
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
+@dataclass(frozen=True)
 class MemoryRegion(_FixedPayload):
     """One region of guest memory, mapped from the fd that travels with it."""
 
@@ -185,6 +197,7 @@ class PayloadKind(Enum):
     MEMORY_TABLE = "memory table"
     MEMORY_REGION = "memory region"
     DEVICE_CONFIG = "device config"
+    INFLIGHT = "inflight description"
 
 
 def _decode_none(data: bytes) -> None:
@@ -226,6 +239,9 @@ _CODECS: dict[PayloadKind, _Codec] = {
         MemoryRegionUpdate, MemoryRegionUpdate.decode, MemoryRegionUpdate.encode
     ),
     PayloadKind.DEVICE_CONFIG: _Codec(DeviceConfig, DeviceConfig.decode, DeviceConfig.encode),
+    PayloadKind.INFLIGHT: _Codec(
+        InflightDescription, InflightDescription.decode, InflightDescription.encode
+    ),
 }
 
 

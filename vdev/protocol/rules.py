@@ -26,7 +26,8 @@ class Rule:
 
     ``virtio_feature``/``protocol_feature`` must have been offered (or, with
     ``acked``, negotiated) for the request to be legal; ``session`` requests need a
-    prior SET_OWNER; ``internal`` ones are answered by the connection itself.
+    prior SET_OWNER; ``internal`` ones are answered by the connection itself;
+    ``reply_fd`` replies carry one fd.
     """
 
     payload: PayloadKind = PayloadKind.NONE
@@ -37,6 +38,7 @@ class Rule:
     acked: bool = False
     session: bool = True
     internal: bool = False
+    reply_fd: bool = False
 
 
 _NEGOTIATION = {"session": False, "internal": True}
@@ -91,6 +93,19 @@ RULES: dict[Request, Rule] = {
         protocol_feature=ProtocolFeature.CONFIGURE_MEM_SLOTS,
         acked=True,
     ),
+    Request.GET_INFLIGHT_FD: Rule(
+        PayloadKind.INFLIGHT,
+        reply=PayloadKind.INFLIGHT,
+        reply_fd=True,
+        protocol_feature=ProtocolFeature.INFLIGHT_SHMFD,
+        acked=True,
+    ),
+    Request.SET_INFLIGHT_FD: Rule(
+        PayloadKind.INFLIGHT,
+        fds=FdRule.ONE,
+        protocol_feature=ProtocolFeature.INFLIGHT_SHMFD,
+        acked=True,
+    ),
     Request.SET_STATUS: Rule(PayloadKind.U64, protocol_feature=ProtocolFeature.STATUS, acked=True),
     Request.GET_STATUS: Rule(
         reply=PayloadKind.U64, protocol_feature=ProtocolFeature.STATUS, acked=True
@@ -106,6 +121,7 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
+    | ProtocolFeature.INFLIGHT_SHMFD
 )
 """Protocol features whose requests this package implements (a device may offer these)."""
 
@@ -115,7 +131,6 @@ UNSUPPORTED_WITH_REPLY = frozenset(
         Request.CREATE_CRYPTO_SESSION,
         Request.POSTCOPY_ADVISE,
         Request.POSTCOPY_END,
-        Request.GET_INFLIGHT_FD,
         Request.GET_SHARED_OBJECT,
         Request.SET_DEVICE_STATE_FD,
         Request.CHECK_DEVICE_STATE,

@@ -81,6 +81,7 @@ class PackedQueue(Virtqueue):
                 self._next_avail, self._avail_wrap = state.next_avail, state.avail_wrap
                 self._next_used, self._used_wrap = state.next_used, state.used_wrap
                 self._resubmit.extend(state.chains)
+                self.recovered = len(state.chains)
         self._driver_event = avail
         self._device_event = used
         #: Descriptors used since the last `should_notify`.

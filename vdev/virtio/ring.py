@@ -78,7 +78,9 @@ class Virtqueue(ABC):
         #: Chains published since the last `should_notify`.
         self._pushed = 0
         self._inflight = inflight
-        #: Chains re-submitted after a crash of the previous owner (so far).
+        #: Chains the previous owner left in flight (found in the in-flight region) and
+        #: how many of them were handed out again so far.
+        self.recovered = 0
         self.resubmitted = 0
 
     def __repr__(self) -> str:

@@ -76,6 +76,7 @@ class SplitQueue(Virtqueue):
             heads = inflight.recover(self._used_idx)
             if heads is not None:
                 self._resubmit.extend(heads)
+                self.recovered = len(heads)
                 self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
         self._set_kicks(True)
 
