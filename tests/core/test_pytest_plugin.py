@@ -1,0 +1,150 @@
+"""vdev's pytest plugin: its fixtures on real sockets and daemons, and its markers and
+teardown checks seen from a pytest run inside this one (pytester)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from vdev_backends.blk_ram import RamBackend
+
+from vdev.devices.blk import CONFIG, BlkDevice, RequestType
+from vdev.devices.blk import REQUEST_HEADER as BLK_HEADER
+from vdev.testing import Frontend
+from vdev.testing.pytest_plugin import as_device
+from vdev.virtio.features import VirtioFeature
+
+MiB = 1 << 20
+SECTOR = 512
+INNER_INI = "[tool.pytest.ini_options]\ntrio_mode = true\n"
+
+
+def capacity(config: bytes) -> int:
+    return int.from_bytes(config[:8], "little") * SECTOR
+
+
+async def test_frontend_serves_a_backend_on_both_layouts(vdev_frontend, vdev_ring_layout) -> None:
+    packed = vdev_ring_layout == "packed"
+    fe = await vdev_frontend(RamBackend("1M"), packed=packed)
+    assert bool(fe.features & VirtioFeature.RING_PACKED) == packed
+    assert capacity(await fe.get_config(0, CONFIG.size)) == MiB
+    queue = await fe.setup_queue(0)
+    data = bytes(range(256)) * 16
+    write = await queue.transact([BLK_HEADER.pack(RequestType.OUT, 0, 8), data], [1])
+    read = await queue.transact([BLK_HEADER.pack(RequestType.IN, 0, 8)], [len(data), 1])
+    assert write.last_byte == read.last_byte == 0
+    assert read.data[0] == data
+
+
+async def test_frontend_serves_several_devices_at_once(vdev_frontend) -> None:
+    small = await vdev_frontend(BlkDevice(RamBackend("1M")))
+    large = await vdev_frontend(RamBackend("2M"))
+    assert capacity(await small.get_config(0, CONFIG.size)) == MiB
+    assert capacity(await large.get_config(0, CONFIG.size)) == 2 * MiB
+
+
+def test_as_device_rejects_what_is_not_a_device_or_backend() -> None:
+    with pytest.raises(TypeError, match="str is not a vdev Device"):
+        as_device("disk.img")  # type: ignore[arg-type]
+
+
+async def test_daemon_serves_on_a_socket_of_its_own(vdev_daemon) -> None:
+    daemon = await vdev_daemon("blk", "--backend", "ram", "--size", "16M")
+    assert daemon.socket.is_socket() and daemon.process.poll() is None
+    async with Frontend.connect(daemon.socket) as fe:
+        await fe.negotiate()
+        assert capacity(await fe.get_config(0, CONFIG.size)) == 16 * MiB
+    assert await daemon.stop() == 0
+    assert not daemon.socket.exists()
+
+
+async def test_daemon_waits_for_every_socket_of_a_config(vdev_daemon, tmp_path: Path) -> None:
+    socks = [tmp_path / f"d{n}.sock" for n in range(3)]
+    config = tmp_path / "devices.toml"
+    config.write_text(
+        "".join(
+            f'[[device]]\ntype = "blk"\nsocket = "{s}"\nbackend = "null"\nsize = "1M"\n'
+            for s in socks
+        )
+    )
+    daemon = await vdev_daemon("--config", str(config))
+    assert daemon.sockets == tuple(socks)
+    assert all(s.is_socket() for s in socks)
+
+
+# --- seen from an inner pytest run --------------------------------------------------------
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyprojecttoml(INNER_INI)
+    return pytester
+
+
+MARKED = """
+import pytest
+
+@pytest.mark.requires_qemu
+def test_marked():
+    pass
+
+async def test_guest(vdev_guest):
+    raise AssertionError("a test using vdev_guest must not run without QEMU")
+
+def test_unmarked():
+    pass
+"""
+
+
+def test_missing_qemu_skips_with_its_reason(inner, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on it
+    inner.makepyfile(MARKED)
+    result = inner.runpytest("-rs")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines(["*qemu-system-x86_64 not installed (Debian package*"])
+
+
+def test_require_all_turns_the_skips_into_failures(inner, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    inner.makepyfile(MARKED)
+    result = inner.runpytest("--vdev-require-all")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["*requires_qemu: qemu-system-x86_64 not installed*"])
+    assert "must not run" not in result.stdout.str()
+
+
+def test_markers_are_registered(inner) -> None:
+    result = inner.runpytest("--markers")
+    for marker in ("requires_qemu", "requires_root", "requires_testpmd"):
+        result.stdout.fnmatch_lines([f"@pytest.mark.{marker}:*"])
+
+
+def test_a_daemon_that_dies_fails_the_test_with_its_log(inner) -> None:
+    inner.makepyfile(
+        f"""
+        import os, signal
+
+        async def test_killed(vdev_daemon):
+            daemon = await vdev_daemon("blk", "--backend", "null", "--size", "1M")
+            os.kill(daemon.process.pid, signal.{signal.SIGKILL.name})
+            await daemon.process.wait()
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)  # pytest-trio: fixture teardown is part of the test
+    result.stdout.fnmatch_lines(["*vdev run died during the test (status -9); its log*"])
+
+
+def test_a_daemon_refusing_its_options_fails_the_test_with_its_log(inner) -> None:
+    inner.makepyfile(
+        """
+        async def test_bad_backend(vdev_daemon):
+            await vdev_daemon("blk", "--backend", "no-such-backend")
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*vdev run exited (status 2) before serving*", "*no-such-backend*"]
+    )
