@@ -11,7 +11,8 @@ from vdev_backends.blk_ram import RamBackend
 
 from vdev.devices.blk import CONFIG, BlkDevice, RequestType
 from vdev.devices.blk import REQUEST_HEADER as BLK_HEADER
-from vdev.testing import Frontend
+from vdev.testing import Frontend, pytest_plugin
+from vdev.testing.guest import GuestImage
 from vdev.testing.pytest_plugin import as_device
 from vdev.virtio.features import VirtioFeature
 
@@ -42,6 +43,25 @@ async def test_frontend_serves_several_devices_at_once(vdev_frontend) -> None:
     large = await vdev_frontend(RamBackend("2M"))
     assert capacity(await small.get_config(0, CONFIG.size)) == MiB
     assert capacity(await large.get_config(0, CONFIG.size)) == 2 * MiB
+
+
+async def test_each_guest_image_is_built_once_per_session(monkeypatch, tmp_path: Path) -> None:
+    built = []
+
+    async def build_guest(**kwargs: tuple[str, ...]) -> GuestImage:
+        built.append(kwargs)
+        return GuestImage(tmp_path / f"kernel{len(built)}", tmp_path / "initramfs")
+
+    monkeypatch.setattr(pytest_plugin, "build_guest", build_guest)
+    images = pytest_plugin.GuestImages()
+    plain = await images.get()
+    assert await images.get() is plain
+    with_rng = await images.get(extra_modules=["virtio-rng"])
+    assert with_rng is not plain and await images.get((), ["virtio-rng"]) is with_rng
+    assert built == [
+        {"extra_binaries": (), "extra_modules": ()},
+        {"extra_binaries": (), "extra_modules": ("virtio-rng",)},
+    ]
 
 
 def test_as_device_rejects_what_is_not_a_device_or_backend() -> None:
@@ -148,3 +168,17 @@ def test_a_daemon_refusing_its_options_fails_the_test_with_its_log(inner) -> Non
     result.stdout.fnmatch_lines(
         ["*vdev run exited (status 2) before serving*", "*no-such-backend*"]
     )
+    assert "on SIGTERM" not in result.stdout.str()  # reported once, not again at teardown
+
+
+def test_a_bad_config_file_is_named(inner) -> None:
+    inner.makepyfile(
+        """
+        async def test_bad_config(vdev_daemon, tmp_path):
+            (tmp_path / "devices.toml").write_text("[[device]]\\n")
+            await vdev_daemon("--config", str(tmp_path / "devices.toml"))
+        """
+    )
+    result = inner.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*vdev_daemon: *devices.toml: device #1: 'type'*required*"])

@@ -40,7 +40,7 @@ import trio
 
 from vdev import qemu
 from vdev.backend import BlockBackend, NetBackend
-from vdev.config import load_config
+from vdev.config import ConfigError, load_config
 from vdev.devices.base import Device
 from vdev.devices.blk import BlkDevice
 from vdev.devices.net import NetDevice
@@ -270,13 +270,17 @@ class DaemonFactory:
 
     async def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Daemon:
         """Start ``vdev run <args>`` (plus ``--socket <tmp path>`` unless `args` name a
-        --socket or a --config) and return once its listening socket(s) exist."""
+        --socket or a --config) with environment `env` (default: this process's), and
+        return once its listening socket(s) exist."""
         n = next(self._count)
         args_list = list(args)
         config = _option(args_list, "--config")
         socket = _option(args_list, "--socket")
         if config is not None:
-            specs = load_config(Path(config))
+            try:
+                specs = load_config(Path(config))
+            except ConfigError as exc:
+                pytest.fail(f"vdev_daemon: {exc}", pytrace=False)
             sockets = tuple(spec.socket for spec in specs)
             listening = tuple(spec.socket for spec in specs if not spec.client)
         else:
@@ -296,25 +300,20 @@ class DaemonFactory:
                 env=None if env is None else dict(env),
             )
         daemon = Daemon(process, log, sockets)
-        self.daemons.append(daemon)
+        self.daemons.append(daemon)  # stopped at teardown even if the test is cancelled
         with trio.move_on_after(DAEMON_START_TIMEOUT):
             while process.poll() is None and not all(p.exists() for p in listening):
                 await trio.sleep(0.02)
+        if process.poll() is None and all(p.exists() for p in listening):
+            return daemon
+        self.daemons.remove(daemon)  # reported here, not again at teardown
         if process.poll() is not None:
-            daemon.stopped = True  # reported here, not again at teardown
-            pytest.fail(
-                f"vdev run exited (status {process.returncode}) before serving:\n"
-                f"{daemon.log_text()}",
-                pytrace=False,
-            )
-        if not all(p.exists() for p in listening):
+            problem = f"vdev run exited (status {process.returncode}) before serving"
+        else:
             await daemon.stop()
-            pytest.fail(
-                f"vdev run did not create {', '.join(map(str, listening))} in "
-                f"{DAEMON_START_TIMEOUT:.0f} s:\n{daemon.log_text()}",
-                pytrace=False,
-            )
-        return daemon
+            missing = ", ".join(str(p) for p in listening if not p.exists())
+            problem = f"vdev run did not create {missing} in {DAEMON_START_TIMEOUT:.0f} s"
+        pytest.fail(f"{problem}:\n{daemon.log_text()}", pytrace=False)
 
     async def close(self) -> list[str]:
         """Stop every daemon still running; what went wrong with each, if anything."""
@@ -323,12 +322,12 @@ class DaemonFactory:
             died = not daemon.stopped and daemon.process.poll() is not None
             status = await daemon.stop()
             if died:
-                problems.append(f"vdev run died during the test (status {status})")
+                problem = f"vdev run died during the test (status {status})"
             elif status != 0:
-                problems.append(f"vdev run exited with status {status} on SIGTERM")
+                problem = f"vdev run exited with status {status} on SIGTERM"
             else:
                 continue
-            problems[-1] += f"; its log ({daemon.log}):\n{daemon.log_text()}"
+            problems.append(f"{problem}; its log ({daemon.log}):\n{daemon.log_text()}")
         return problems
 
 
