@@ -6,10 +6,10 @@ Fixtures:
 
 - ``vdev_frontend``: ``fe = await vdev_frontend(device_or_backend, packed=False)`` serves
   a `Device` (or a block / net backend, wrapped in `BlkDevice` / `NetDevice`) in this
-  process on a socket in ``tmp_path`` and returns a connected, negotiated
+  process on a socket of its own and returns a connected, negotiated
   `vdev.testing.Frontend`; ``vdev_ring_layout`` ("split", "packed") runs a test on both.
 - ``vdev_daemon``: ``d = await vdev_daemon("blk", "--backend", "ram", "--size", "16M")``
-  starts ``vdev run <args> --socket <tmp path>`` as a subprocess and waits for its
+  starts ``vdev run <args> --socket <private path>`` as a subprocess and waits for its
   socket(s); at teardown it is sent SIGTERM, and the test fails with the daemon's log
   if it died early or exited non-zero.
 - ``vdev_guest``: ``result = await vdev_guest(script, qemu_args=[...])`` boots a real
@@ -29,7 +29,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -173,7 +174,7 @@ class FrontendFactory:
         """Serve `target` and return a front-end connected to it and negotiated (all
         offered features but RING_PACKED, unless `packed`; or exactly `features`).
         Queues are then set up with ``await fe.setup_queue(index)``."""
-        path = self._directory / f"vdev-frontend{next(self._count)}.sock"
+        path = self._directory / f"frontend{next(self._count)}.sock"
         session = partial(self._session, as_device(target), path, packed, features, mem_size)
         return await self._nursery.start(session)
 
@@ -200,12 +201,20 @@ class FrontendFactory:
 
 
 @pytest.fixture
-async def vdev_frontend(tmp_path: Path) -> AsyncIterator[FrontendFactory]:
+def vdev_socket_dir() -> Iterator[Path]:
+    """A short private directory for the fixtures' sockets: a Unix socket path has at
+    most 107 bytes, which a nested ``tmp_path`` can exceed."""
+    with tempfile.TemporaryDirectory(prefix="vdev-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture
+async def vdev_frontend(vdev_socket_dir: Path) -> AsyncIterator[FrontendFactory]:
     """A factory: ``fe = await vdev_frontend(device_or_backend, packed=False)`` serves the
     device in this process and returns a negotiated `vdev.testing.Frontend`. Front-ends,
     servers and devices (closed) are torn down at the end of the test."""
     async with trio.open_nursery() as nursery:
-        yield FrontendFactory(nursery, tmp_path)
+        yield FrontendFactory(nursery, vdev_socket_dir)
         nursery.cancel_scope.cancel()
 
 
@@ -227,6 +236,21 @@ def _option(args: Sequence[str], name: str) -> str | None:
         elif arg.startswith(f"{name}="):
             value = arg.partition("=")[2]
     return value
+
+
+_PROC_NET_UNIX = Path("/proc/net/unix")
+_SO_ACCEPTCON = 0x10000  # the Flags of a listening socket in /proc/net/unix
+
+
+def _listening(paths: Sequence[Path]) -> bool:
+    """Whether every one of `paths` is a listening Unix socket. (Its file appears at
+    bind(), before listen(): a front-end connecting in between is refused.)"""
+    bound = set()
+    for line in _PROC_NET_UNIX.read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+            bound.add(os.path.abspath(fields[7]))
+    return all(os.path.abspath(path) in bound for path in paths)
 
 
 @dataclass
@@ -263,15 +287,16 @@ class Daemon:
 class DaemonFactory:
     """``await factory(*args, env=None)``: see `vdev_daemon`."""
 
-    def __init__(self, directory: Path) -> None:
-        self._directory = directory
+    def __init__(self, socket_dir: Path, log_dir: Path) -> None:
+        self._socket_dir = socket_dir
+        self._log_dir = log_dir
         self._count = itertools.count()
         self.daemons: list[Daemon] = []
 
     async def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Daemon:
-        """Start ``vdev run <args>`` (plus ``--socket <tmp path>`` unless `args` name a
-        --socket or a --config) with environment `env` (default: this process's), and
-        return once its listening socket(s) exist."""
+        """Start ``vdev run <args>`` (plus ``--socket`` in `vdev_socket_dir` unless `args`
+        name a --socket or a --config) with environment `env` (default: this process's),
+        and return once it listens on its socket(s)."""
         n = next(self._count)
         args_list = list(args)
         config = _option(args_list, "--config")
@@ -285,11 +310,11 @@ class DaemonFactory:
             listening = tuple(spec.socket for spec in specs if not spec.client)
         else:
             if socket is None:
-                socket = str(self._directory / f"vdev{n}.sock")
+                socket = str(self._socket_dir / f"vdev{n}.sock")
                 args_list += ["--socket", socket]
             sockets = (Path(socket),)
             listening = () if "--client" in args_list else sockets
-        log = self._directory / f"vdev{n}.log"
+        log = self._log_dir / f"vdev{n}.log"
         argv = [sys.executable, "-m", "vdev.cli", "run", *args_list]
         with log.open("wb") as out:
             process = await trio.lowlevel.open_process(
@@ -302,17 +327,19 @@ class DaemonFactory:
         daemon = Daemon(process, log, sockets)
         self.daemons.append(daemon)  # stopped at teardown even if the test is cancelled
         with trio.move_on_after(DAEMON_START_TIMEOUT):
-            while process.poll() is None and not all(p.exists() for p in listening):
+            while process.poll() is None and not _listening(listening):
                 await trio.sleep(0.02)
-        if process.poll() is None and all(p.exists() for p in listening):
+        if process.poll() is None and _listening(listening):
             return daemon
         self.daemons.remove(daemon)  # reported here, not again at teardown
         if process.poll() is not None:
             problem = f"vdev run exited (status {process.returncode}) before serving"
         else:
             await daemon.stop()
-            missing = ", ".join(str(p) for p in listening if not p.exists())
-            problem = f"vdev run did not create {missing} in {DAEMON_START_TIMEOUT:.0f} s"
+            problem = (
+                f"vdev run did not listen on {', '.join(map(str, listening))} "
+                f"in {DAEMON_START_TIMEOUT:.0f} s"
+            )
         pytest.fail(f"{problem}:\n{daemon.log_text()}", pytrace=False)
 
     async def close(self) -> list[str]:
@@ -332,11 +359,11 @@ class DaemonFactory:
 
 
 @pytest.fixture
-async def vdev_daemon(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
+async def vdev_daemon(tmp_path: Path, vdev_socket_dir: Path) -> AsyncIterator[DaemonFactory]:
     """A factory: ``d = await vdev_daemon(*args)`` runs ``vdev run <args>`` and returns a
     `Daemon` (``.socket``, ``.log``, ``.process``) once it serves. At teardown each is
     sent SIGTERM; the test fails with the log if one died early or exited non-zero."""
-    factory = DaemonFactory(tmp_path)
+    factory = DaemonFactory(vdev_socket_dir, tmp_path)
     try:
         yield factory
     finally:
