@@ -9,8 +9,8 @@ Fixtures:
   process on a socket of its own and returns a connected, negotiated
   `vdev.testing.Frontend`; ``vdev_ring_layout`` ("split", "packed") runs a test on both.
 - ``vdev_daemon``: ``d = await vdev_daemon("blk", "--backend", "ram", "--size", "16M")``
-  starts ``vdev run <args> --socket <private path>`` as a subprocess and waits for its
-  socket(s); at teardown it is sent SIGTERM, and the test fails with the daemon's log
+  starts ``vdev run <args> --socket <private path>`` as a subprocess and waits until
+  it listens; at teardown it is sent SIGTERM, and the test fails with the daemon's log
   if it died early or exited non-zero.
 - ``vdev_guest``: ``result = await vdev_guest(script, qemu_args=[...])`` boots a real
   Linux guest (`vdev.testing.guest`) and runs ``script`` in it; each guest image is
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -402,7 +402,8 @@ class GuestRunner:
     def __init__(self, images: GuestImages) -> None:
         self.images = images
 
-    def start(
+    @asynccontextmanager
+    async def start(
         self,
         script: str,
         *,
@@ -412,19 +413,14 @@ class GuestRunner:
         accel: str = "auto",
         extra_binaries: Sequence[str] = (),
         extra_modules: Sequence[str] = (),
-    ) -> AbstractAsyncContextManager[Guest]:
+    ) -> AsyncIterator[Guest]:
         """`vdev.testing.guest.start_guest` on the session's image: ``async with
         vdev_guest.start(script) as guest`` gives the running guest."""
-
-        @asynccontextmanager
-        async def started() -> AsyncIterator[Guest]:
-            image = await self.images.get(extra_binaries, extra_modules)
-            async with start_guest(
-                script, qemu_args=qemu_args, mem=mem, cpus=cpus, accel=accel, image=image
-            ) as guest:
-                yield guest
-
-        return started()
+        image = await self.images.get(extra_binaries, extra_modules)
+        async with start_guest(
+            script, qemu_args=qemu_args, mem=mem, cpus=cpus, accel=accel, image=image
+        ) as guest:
+            yield guest
 
     async def __call__(
         self,
