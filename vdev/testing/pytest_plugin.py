@@ -272,12 +272,12 @@ class Daemon:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    async def stop(self) -> int:
-        """SIGTERM, wait for it to exit (killed after DAEMON_STOP_TIMEOUT); its status."""
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send `sig`, wait for it to exit (killed after DAEMON_STOP_TIMEOUT); its status."""
         self.stopped = True
         with trio.CancelScope(shield=True):
             if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
+                self.process.send_signal(sig)
                 with trio.move_on_after(DAEMON_STOP_TIMEOUT):
                     return await self.process.wait()
                 self.process.kill()
