@@ -3,6 +3,7 @@ teardown checks seen from a pytest run inside this one (pytester)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from pathlib import Path
@@ -117,7 +118,15 @@ MARKED = """
 import pytest
 
 @pytest.mark.requires_qemu
-def test_marked():
+def test_qemu():
+    pass
+
+@pytest.mark.requires_root
+def test_root():
+    pass
+
+@pytest.mark.requires_testpmd
+def test_testpmd():
     pass
 
 async def test_guest(vdev_guest):
@@ -126,23 +135,40 @@ async def test_guest(vdev_guest):
 def test_unmarked():
     pass
 """
+MISSING = [
+    "*qemu-system-x86_64 not installed (Debian package qemu-system-x86)*",
+    "*needs root (TAP devices, network namespaces)*",
+    "*dpdk-testpmd not installed (apt-get install dpdk-dev*",
+]
 
 
-def test_missing_qemu_skips_with_its_reason(inner, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no qemu-system-x86_64 on it
-    inner.makepyfile(MARKED)
-    result = inner.runpytest("-rs")
-    result.assert_outcomes(passed=1, skipped=2)
-    result.stdout.fnmatch_lines(["*qemu-system-x86_64 not installed (Debian package*"])
-
-
-def test_require_all_turns_the_skips_into_failures(inner, monkeypatch, tmp_path: Path) -> None:
+@pytest.fixture
+def nothing_installed(inner, monkeypatch, tmp_path: Path) -> pytest.Pytester:
+    """No QEMU or testpmd on PATH, and not root, for the inner run (in this process)."""
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     inner.makepyfile(MARKED)
-    result = inner.runpytest("--vdev-require-all")
-    result.assert_outcomes(passed=1, errors=2)
+    return inner
+
+
+def test_missing_requirements_skip_with_their_reasons(nothing_installed) -> None:
+    result = nothing_installed.runpytest("-rs")
+    result.assert_outcomes(passed=1, skipped=4)
+    result.stdout.fnmatch_lines(MISSING, consecutive=False)
+
+
+def test_require_all_turns_the_skips_into_failures(nothing_installed) -> None:
+    result = nothing_installed.runpytest("--vdev-require-all")
+    result.assert_outcomes(passed=1, errors=4)
     result.stdout.fnmatch_lines(["*requires_qemu: qemu-system-x86_64 not installed*"])
+    result.stdout.fnmatch_lines(["*requires_root: needs root*--vdev-require-all*"])
     assert "must not run" not in result.stdout.str()
+
+
+@pytest.mark.requires_qemu
+def test_a_met_requirement_runs_the_test(inner) -> None:
+    inner.makepyfile("import pytest\n\n@pytest.mark.requires_qemu\ndef test_it():\n    pass\n")
+    inner.runpytest("--vdev-require-all").assert_outcomes(passed=1)
 
 
 def test_markers_are_registered(inner) -> None:
