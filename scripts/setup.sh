@@ -27,9 +27,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import vdev, pytest_trio, hypothesis' 2>/dev/null \
-    || [ pyproject.toml -nt .venv/.installed ]; then
+# The example plugin (examples/vdev-rng) is installed too: its own test suite runs
+# against it as a plugin author's would.
+if ! .venv/bin/python -c 'import vdev, vdev_rng, pytest_trio, hypothesis' 2>/dev/null \
+    || [ pyproject.toml -nt .venv/.installed ] \
+    || [ examples/vdev-rng/pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test,bench]"
+    .venv/bin/python -m pip install -q --no-deps -e examples/vdev-rng
     touch .venv/.installed
 fi

@@ -252,10 +252,7 @@ def test_bench_option_errors(
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
-)
+@pytest.mark.requires_qemu
 async def test_vdev_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "vdev.cli", "-q", "bench", "--quick", "--json", str(out)]

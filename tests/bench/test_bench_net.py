@@ -7,26 +7,17 @@ are: performance is measured by `vdev bench`, never asserted in tests.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import trio
 
-from vdev import netsetup, qemu
+from vdev import netsetup
 from vdev.bench import net
 from vdev.bench.core import VALUE, BenchError, BenchSettings, run_bench
 
 TINY = BenchSettings(repetitions=1, runtime=1.0, ramp=0.2)
 
-needs_testpmd = pytest.mark.skipif(
-    shutil.which(net.TESTPMD) is None,
-    reason=f"{net.TESTPMD} not installed (apt-get install {net.DPDK_PACKAGES})",
-)
-needs_guest_and_root = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None or os.geteuid() != 0,
-    reason=f"needs {qemu.QEMU_BINARY} and root (TAP devices, network namespaces)",
-)
 
 STATS = """
   ######################## NIC statistics for port 0  ########################
@@ -77,7 +68,7 @@ def test_guest_scripts_address_the_nic_first() -> None:
         assert script.index(net.GUEST_IP) < script.index(workload.body(TINY).strip())
 
 
-@needs_testpmd
+@pytest.mark.requires_testpmd
 async def test_pmd_bench_runs_every_target() -> None:
     workloads = [w for w in net.PMD_WORKLOADS if w.frame_size == 64]
     result = await net.run_pmd_bench(net.PMD_TARGETS, workloads, TINY)
@@ -89,7 +80,7 @@ async def test_pmd_bench_runs_every_target() -> None:
     assert result.ratio("vdev-echo", "pmd-rr-64") is not None
 
 
-@needs_testpmd
+@pytest.mark.requires_testpmd
 async def test_testpmd_failure_is_reported(tmp_path: Path) -> None:
     argv = net.testpmd_argv(
         net.virtio_user(tmp_path / "nobody.sock"),
@@ -101,7 +92,8 @@ async def test_testpmd_failure_is_reported(tmp_path: Path) -> None:
             pass
 
 
-@needs_guest_and_root
+@pytest.mark.requires_qemu
+@pytest.mark.requires_root
 async def test_guest_bench_runs_both_targets() -> None:
     result = await run_bench(net.GUEST_TARGETS, net.GUEST_WORKLOADS, TINY, prepare=net.no_image)
     for target in net.GUEST_TARGETS:

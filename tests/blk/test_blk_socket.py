@@ -1,4 +1,5 @@
-"""BlkDevice served on a real vhost-user socket, driven by vdev's Python front-end."""
+"""BlkDevice served on a real vhost-user socket, driven by vdev's Python front-end
+(the pytest plugin's vdev_frontend)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from vdev.config import DeviceSpec, build_device
 from vdev.devices.blk import CONFIG, BlkDevice, BlkFeature, RequestType, Status
 from vdev.protocol import DeviceConfig, Request
 from vdev.testing.driver_rings import UsedBuffer
-from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
+from vdev.testing.frontend import FrontendQueue
+from vdev.testing.pytest_plugin import FrontendFactory
 from vdev.virtio.features import VirtioFeature
 
 MiB = 1 << 20
@@ -39,100 +41,83 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("packed", [False, True])
-async def test_file_disk_over_vhost_user(tmp_path: Path, image: Path, packed: bool) -> None:
+async def test_file_disk_over_vhost_user(
+    image: Path, vdev_frontend: FrontendFactory, vdev_ring_layout: str
+) -> None:
+    packed = vdev_ring_layout == "packed"
     device = BlkDevice(FileBackend(image), serial="sock-disk")
-    async with (
-        serve_device(device, tmp_path / "blk.sock") as path,
-        Frontend.connect(path) as fe,
-    ):
-        features = await fe.negotiate(packed=packed)
-        assert features & BlkFeature.FLUSH and features & BlkFeature.DISCARD
-        assert bool(features & VirtioFeature.RING_PACKED) == packed
-        config = await fe.get_config(0, CONFIG.size)
-        assert int.from_bytes(config[:8], "little") == SIZE // SECTOR
-        assert le32(config, 20) == 512  # blk_size
-        q = await fe.setup_queue(0, size=128)
+    fe = await vdev_frontend(device, packed=packed)
+    assert fe.features & BlkFeature.FLUSH and fe.features & BlkFeature.DISCARD
+    assert bool(fe.features & VirtioFeature.RING_PACKED) == packed
+    config = await fe.get_config(0, CONFIG.size)
+    assert int.from_bytes(config[:8], "little") == SIZE // SECTOR
+    assert le32(config, 20) == 512  # blk_size
+    q = await fe.setup_queue(0, size=128)
 
-        data = os.urandom(64 * 1024)
-        write = await transact(q, [header(RequestType.OUT, 2048), data], [1])
-        flush = await transact(q, [header(RequestType.FLUSH)], [1])
-        read = await transact(q, [header(RequestType.IN, 2048)], [32 * 1024] * 2 + [1])
-        get_id = await transact(q, [header(RequestType.GET_ID)], [20, 1])
-        zeroes = await transact(q, [header(RequestType.WRITE_ZEROES), segments((2048, 16, 1))], [1])
-        discard = await transact(q, [header(RequestType.DISCARD), segments((2064, 16, 0))], [1])
-        past_end = await transact(q, [header(RequestType.IN, SIZE // SECTOR)], [SECTOR, 1])
-        unknown = await transact(q, [header(77)], [1])
-        reread = await transact(q, [header(RequestType.IN, 2048)], [16 * SECTOR, 1])
+    data = os.urandom(64 * 1024)
+    write = await transact(q, [header(RequestType.OUT, 2048), data], [1])
+    flush = await transact(q, [header(RequestType.FLUSH)], [1])
+    read = await transact(q, [header(RequestType.IN, 2048)], [32 * 1024] * 2 + [1])
+    get_id = await transact(q, [header(RequestType.GET_ID)], [20, 1])
+    zeroes = await transact(q, [header(RequestType.WRITE_ZEROES), segments((2048, 16, 1))], [1])
+    discard = await transact(q, [header(RequestType.DISCARD), segments((2064, 16, 0))], [1])
+    past_end = await transact(q, [header(RequestType.IN, SIZE // SECTOR)], [SECTOR, 1])
+    unknown = await transact(q, [header(77)], [1])
+    reread = await transact(q, [header(RequestType.IN, 2048)], [16 * SECTOR, 1])
 
-        assert [status(u) for u in (write, flush, read, get_id, zeroes, discard)] == [0] * 6
-        assert b"".join(read.data)[:-1] == data
-        assert read.written == len(data) + 1
-        assert get_id.data[0] == b"sock-disk" + bytes(11)
-        assert (status(past_end), status(unknown)) == (Status.IOERR, Status.UNSUPP)
-        assert reread.data[0] == bytes(16 * SECTOR)
+    assert [status(u) for u in (write, flush, read, get_id, zeroes, discard)] == [0] * 6
+    assert b"".join(read.data)[:-1] == data
+    assert read.written == len(data) + 1
+    assert get_id.data[0] == b"sock-disk" + bytes(11)
+    assert (status(past_end), status(unknown)) == (Status.IOERR, Status.UNSUPP)
+    assert reread.data[0] == bytes(16 * SECTOR)
     stats = device.stats()
     assert stats["requests"] == 9 and stats["errors"] == 2
     assert stats["bytes_written"] == len(data)
-    device.close()
 
 
-async def test_two_queues_both_carry_requests(tmp_path: Path) -> None:
+async def test_two_queues_both_carry_requests(
+    tmp_path: Path, vdev_frontend: FrontendFactory
+) -> None:
     device = build_device(
         DeviceSpec("blk", tmp_path / "mq.sock", "ram", {"size": "8M", "queues": "2"})
     )
     assert isinstance(device, BlkDevice) and device.num_queues == 2
-    async with (
-        serve_device(device, tmp_path / "mq.sock") as path,
-        Frontend.connect(path) as fe,
-    ):
-        features = await fe.negotiate()
-        assert features & BlkFeature.MQ
-        assert int.from_bytes((await fe.get_config(34, 2)), "little") == 2
-        q0, q1 = await fe.setup_queue(0), await fe.setup_queue(1)
-        for i in range(8):
-            q0.add([header(RequestType.OUT, i), bytes([i]) * SECTOR], [1])
-            q1.add([header(RequestType.OUT, 100 + i), bytes([100 + i]) * SECTOR], [1])
-        q0.kick()
-        q1.kick()
-        with trio.fail_after(10):
-            used0 = await q0.wait_used(8)
-            used1 = await q1.wait_used(8)
-        assert all(status(u) == 0 for u in used0 + used1)
-        back = await transact(q1, [header(RequestType.IN, 0)], [8 * SECTOR, 1])
-        assert back.data[0] == b"".join(bytes([i]) * SECTOR for i in range(8))
+    fe = await vdev_frontend(device)
+    assert fe.features & BlkFeature.MQ
+    assert int.from_bytes((await fe.get_config(34, 2)), "little") == 2
+    q0, q1 = await fe.setup_queue(0), await fe.setup_queue(1)
+    for i in range(8):
+        q0.add([header(RequestType.OUT, i), bytes([i]) * SECTOR], [1])
+        q1.add([header(RequestType.OUT, 100 + i), bytes([100 + i]) * SECTOR], [1])
+    q0.kick()
+    q1.kick()
+    with trio.fail_after(10):
+        used0 = await q0.wait_used(8)
+        used1 = await q1.wait_used(8)
+    assert all(status(u) == 0 for u in used0 + used1)
+    back = await transact(q1, [header(RequestType.IN, 0)], [8 * SECTOR, 1])
+    assert back.data[0] == b"".join(bytes([i]) * SECTOR for i in range(8))
     stats = device.stats()
     assert stats["queue0_requests"] == 8 and stats["queue1_requests"] == 9
-    device.close()
 
 
-async def test_guest_sets_the_cache_mode(tmp_path: Path) -> None:
+async def test_guest_sets_the_cache_mode(vdev_frontend: FrontendFactory) -> None:
     device = BlkDevice(RamBackend(SIZE))
-    async with (
-        serve_device(device, tmp_path / "wce.sock") as path,
-        Frontend.connect(path) as fe,
-    ):
-        await fe.negotiate()
-        assert (await fe.get_config(32, 1)) == b"\x01"
-        await fe.send(Request.SET_CONFIG, DeviceConfig(32, 1, 0, b"\x00"), need_reply=True)
-        assert (await fe.get_config(32, 1)) == b"\x00"
-        assert device.writethrough
-    device.close()
+    fe = await vdev_frontend(device)
+    assert (await fe.get_config(32, 1)) == b"\x01"
+    await fe.send(Request.SET_CONFIG, DeviceConfig(32, 1, 0, b"\x00"), need_reply=True)
+    assert (await fe.get_config(32, 1)) == b"\x00"
+    assert device.writethrough
 
 
-async def test_read_only_disk_refuses_writes(tmp_path: Path, image: Path) -> None:
+async def test_read_only_disk_refuses_writes(image: Path, vdev_frontend: FrontendFactory) -> None:
     image.write_bytes(b"\x5a" * SIZE)
-    device = BlkDevice(FileBackend(image, readonly=True))
-    async with (
-        serve_device(device, tmp_path / "ro.sock") as path,
-        Frontend.connect(path) as fe,
-    ):
-        features = await fe.negotiate()
-        assert features & BlkFeature.RO and not features & BlkFeature.DISCARD
-        q = await fe.setup_queue(0)
-        write = await transact(q, [header(RequestType.OUT, 0), bytes(SECTOR)], [1])
-        read = await transact(q, [header(RequestType.IN, 0)], [SECTOR, 1])
-        assert (status(write), status(read)) == (Status.IOERR, Status.OK)
-        assert read.data[0] == b"\x5a" * SECTOR
-    device.close()
+    fe = await vdev_frontend(FileBackend(image, readonly=True))
+    assert fe.features & BlkFeature.RO and not fe.features & BlkFeature.DISCARD
+    q = await fe.setup_queue(0)
+    write = await transact(q, [header(RequestType.OUT, 0), bytes(SECTOR)], [1])
+    read = await transact(q, [header(RequestType.IN, 0)], [SECTOR, 1])
+    assert (status(write), status(read)) == (Status.IOERR, Status.OK)
+    assert read.data[0] == b"\x5a" * SECTOR
     assert image.read_bytes()[:SECTOR] == b"\x5a" * SECTOR

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
@@ -80,77 +78,43 @@ def test_qemu_args_renders_templates(capsys):
     assert "path=/tmp/d.sock" in out and "vhost-user-blk-pci" in out
 
 
-async def test_run_serves_then_sigterm_exits_0(tmp_path):
-    sock = tmp_path / "disk.sock"
-    proc = subprocess.Popen(
-        [*VDEV, "run", "blk", "--socket", str(sock), "--backend", "ram", "--size", "4M"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            await trio.sleep(0.05)
-        assert oct(sock.stat().st_mode & 0o777) == "0o600"
-        async with Frontend.connect(sock) as fe:
-            await fe.negotiate()
-            q = await fe.setup_queue(0)
-            header = (1).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")
-            used = await q.transact([header, b"x" * 512], [1])  # OUT sector 0
-            assert used.data == [b"\0"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert not sock.exists()
-    assert "Traceback" not in proc.stderr.read()
+async def test_run_serves_then_sigterm_exits_0(vdev_daemon):
+    daemon = await vdev_daemon("blk", "--backend", "ram", "--size", "4M")
+    assert oct(daemon.socket.stat().st_mode & 0o777) == "0o600"
+    async with Frontend.connect(daemon.socket) as fe:
+        await fe.negotiate()
+        q = await fe.setup_queue(0)
+        header = (1).to_bytes(4, "little") + bytes(4) + (0).to_bytes(8, "little")
+        used = await q.transact([header, b"x" * 512], [1])  # OUT sector 0
+        assert used.data == [b"\0"]
+    assert await daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert "Traceback" not in daemon.log_text()
 
 
-async def test_client_mode_connects_to_front_end(tmp_path):
+async def test_client_mode_connects_to_front_end(vdev_daemon, vdev_socket_dir):
     """--client: vdev connects out (QEMU server=on); retries until the socket exists."""
     import socket as pysocket
 
     from vdev.testing.fakemem import FakeGuestMemory
 
-    path = tmp_path / "fe.sock"
-    proc = subprocess.Popen(
-        [
-            *VDEV,
-            "run",
-            "blk",
-            "--client",
-            "--socket",
-            str(path),
-            "--backend",
-            "null",
-            "--size",
-            "1M",
-        ],
-        stderr=subprocess.DEVNULL,
+    path = vdev_socket_dir / "fe.sock"
+    daemon = await vdev_daemon(
+        "blk", "--client", "--socket", str(path), "--backend", "null", "--size", "1M"
     )
-    try:
-        await trio.sleep(0.3)  # vdev is retrying: nobody listens yet
-        listener = trio.socket.socket(pysocket.AF_UNIX)
-        await listener.bind(str(path))
-        listener.listen(1)
-        with trio.fail_after(20):
-            sock, _ = await listener.accept()
-        memory = FakeGuestMemory(4 << 20, memfd=True)
-        fe = Frontend(sock, memory)
-        await fe.negotiate()
-        msg = await fe.get_config(0, 8)
-        assert int.from_bytes(msg, "little") == 2048  # capacity in sectors
-        fe.close()
-        sock.close()
-        listener.close()
-        memory.close()
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    await trio.sleep(0.3)  # vdev is retrying: nobody listens yet
+    listener = trio.socket.socket(pysocket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen(1)
+    with trio.fail_after(20):
+        sock, _ = await listener.accept()
+    memory = FakeGuestMemory(4 << 20, memfd=True)
+    fe = Frontend(sock, memory)
+    await fe.negotiate()
+    msg = await fe.get_config(0, 8)
+    assert int.from_bytes(msg, "little") == 2048  # capacity in sectors
+    fe.close()
+    sock.close()
+    listener.close()
+    memory.close()
+    assert await daemon.stop(signal.SIGINT) == 0

@@ -6,7 +6,6 @@ import logging
 import os
 import resource
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from vdev.protocol import (
 from vdev.server import ERROR_BURST, MAX_MEM_SLOTS, DeviceServer, ErrorLog
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
-from vdev.testing.guest import run_guest
+from vdev.testing.pytest_plugin import GuestRunner
 
 
 class EchoDevice(Device):
@@ -344,14 +343,16 @@ def test_qemu_args_bad_option_is_one_line(args: list[str]) -> None:
     assert args[0] in line
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed")
-async def test_a_guest_boots_with_qemu_args_as_printed(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_a_guest_boots_with_qemu_args_as_printed(
+    tmp_path: Path, vdev_guest: GuestRunner
+) -> None:
     server = DeviceServer(BlkDevice(RamBackend(1 << 20)), tmp_path / "disk.sock")
     argv = qemu_args("blk", "--socket", str(server.path), "--mem", "512M")
     script = "grep MemTotal /proc/meminfo\ndd if=/dev/vda bs=4096 count=1 2>/dev/null | wc -c\n"
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        result = await run_guest(script, qemu_args=argv, mem=None)  # no memory of its own
+        result = await vdev_guest(script, qemu_args=argv, mem=None)  # no memory of its own
         nursery.cancel_scope.cancel()
     assert result.exit_code == 0, result.console
     meminfo, read = result.output.split("\n")[:2]

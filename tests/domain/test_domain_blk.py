@@ -4,9 +4,6 @@ Python front-end: data, every status, both memory policies, error attribution.""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from domain_helpers import (
     segments,
     status,
     transact,
-    wait_until,
 )
 
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
@@ -29,6 +25,7 @@ from vdev.devices.blk_requests import BlkRequest
 from vdev.domain.spec import DomainSpec
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, serve_device
+from vdev.testing.pytest_plugin import DaemonFactory
 
 POLICIES = ["map", "copy"]
 
@@ -177,29 +174,24 @@ def test_domain_options_from_a_config_file(tmp_path: Path, plugins: None) -> Non
         build_device(DeviceSpec("quiet", tmp_path / "q.sock", domain=DomainSpec("driver")))
 
 
-async def test_vdev_run_serves_from_a_driver_domain(tmp_path: Path, image: Path) -> None:
+async def test_vdev_run_serves_from_a_driver_domain(
+    image: Path, vdev_daemon: DaemonFactory
+) -> None:
     """The daemon as a user starts it: `vdev run ... --domain driver`, then SIGTERM."""
-    sock = tmp_path / "cli.sock"
-    argv = [sys.executable, "-m", "vdev.cli", "run", "blk", "--socket", str(sock)]
-    argv += ["--backend", "file", "--path", str(image), "--domain", "driver"]
-    argv += ["--domain-memory", "copy"]
-    daemon = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    try:
-        await wait_until(sock.exists)
-        data = os.urandom(8 * SECTOR)
-        async with Frontend.connect(sock) as fe:
-            await fe.negotiate()
-            q = await fe.setup_queue(0)
-            write = await transact(q, [header(RequestType.OUT, 0), data], [1])
-            read = await transact(q, [header(RequestType.IN, 0)], [len(data), 1])
-        tasks = Path(f"/proc/{daemon.pid}/task")
-        children = [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        _, errors = daemon.communicate(timeout=20)
+    args = ["blk", "--backend", "file", "--path", str(image)]
+    daemon = await vdev_daemon(*args, "--domain", "driver", "--domain-memory", "copy")
+    data = os.urandom(8 * SECTOR)
+    async with Frontend.connect(daemon.socket) as fe:
+        await fe.negotiate()
+        q = await fe.setup_queue(0)
+        write = await transact(q, [header(RequestType.OUT, 0), data], [1])
+        read = await transact(q, [header(RequestType.IN, 0)], [len(data), 1])
+    tasks = Path(f"/proc/{daemon.process.pid}/task")
+    children = [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    assert await daemon.stop() == 0
+    errors = daemon.log_text()
     assert status(write) == status(read) == Status.OK and read.data[0] == data
-    assert daemon.returncode == 0, errors
-    assert not sock.exists()
+    assert not daemon.socket.exists()
     assert len(children) == 1 and not Path(f"/proc/{children[0]}").exists()
     assert "running as pid" in errors and "exited with status 0" in errors
 

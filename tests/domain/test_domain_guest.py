@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import trio
 from domain_helpers import blk_in_domain, host_of, kill_child, wait_until
 
-from vdev import qemu
 from vdev.qemu import render_args
 from vdev.server import DeviceServer
-from vdev.testing.guest import start_guest
-
-pytestmark = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
-)
+from vdev.testing.pytest_plugin import GuestRunner
 
 MiB = 1 << 20
 ROUNDS = 6
@@ -42,7 +35,9 @@ echo "io errors: $(dmesg | grep -ci 'error')"
 
 
 @pytest.mark.parametrize("memory", ["map", "copy"])
-async def test_guest_io_survives_killed_domain(tmp_path: Path, memory: str) -> None:
+async def test_guest_io_survives_killed_domain(
+    tmp_path: Path, memory: str, vdev_guest: GuestRunner
+) -> None:
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(64 * MiB)
@@ -53,7 +48,7 @@ async def test_guest_io_survives_killed_domain(tmp_path: Path, memory: str) -> N
         async with trio.open_nursery() as nursery:
             await nursery.start(DeviceServer(device, sock).serve)
             args = render_args("vdev-blk", id="disk0", socket=sock, queues=1)
-            async with start_guest(SCRIPT, qemu_args=args, mem="256M") as guest:
+            async with vdev_guest.start(SCRIPT, qemu_args=args, mem="256M") as guest:
                 with trio.fail_after(240):
                     for n, round_ in enumerate(KILL_AT):
                         await guest.wait_for(f"round {round_}\n")

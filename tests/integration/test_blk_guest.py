@@ -12,7 +12,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -23,25 +22,14 @@ import pytest
 import trio
 from vdev_backends.blk_file import FileBackend
 
-from vdev import qemu
 from vdev.demo import DemoDevice, guest_script, split_sections
 from vdev.devices.base import Device
 from vdev.devices.blk import BlkDevice
 from vdev.qemu import render_args
 from vdev.server import DeviceServer
-from vdev.testing.guest import (
-    EXTRA_BIN_DIR,
-    GuestResult,
-    build_guest,
-    run_guest,
-    start_guest,
-)
+from vdev.testing.guest import EXTRA_BIN_DIR, GuestResult
+from vdev.testing.pytest_plugin import DaemonFactory, GuestRunner
 from vdev.trioutil import unwrap_single
-
-needs_qemu = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
-)
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 32 * MiB
@@ -123,40 +111,21 @@ async def serving(device: BlkDevice, sock: Path) -> AsyncIterator[BlkDevice]:
         device.close()
 
 
-@asynccontextmanager
-async def vdev_daemon(args: Sequence[str], sock: Path, log: Path) -> AsyncIterator[trio.Process]:
-    """`vdev <args>` as a real subprocess, once its socket exists; killed if still running."""
-    argv = [sys.executable, "-m", "vdev.cli", *args]
-    with log.open("wb") as out:
-        process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        with trio.fail_after(30):
-            while not sock.exists():
-                assert process.poll() is None, f"vdev exited early:\n{log.read_text()}"
-                await trio.sleep(0.02)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            await process.wait()
-
-
 def assert_ok(result: GuestResult) -> list[str]:
     assert result.exit_code == 0, result.console
     return result.output.splitlines()
 
 
-@needs_qemu
-async def test_cli_daemon_guest_writes_land_in_the_image(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_cli_daemon_guest_writes_land_in_the_image(
+    tmp_path: Path, vdev_daemon: DaemonFactory, vdev_guest: GuestRunner
+) -> None:
     image = tmp_path / "disk.img"
     expected = bytearray(make_image(image, seed=1))
     chunks = [(offset, random_bytes(length, offset)) for offset, length in WRITES]
     for offset, data in chunks:
         expected[offset : offset + len(data)] = data
-    sock = tmp_path / "blk.sock"
-    args = ["run", "blk", "--socket", str(sock), "--backend", "file", "--path", str(image)]
+    args = ["blk", "--backend", "file", "--path", str(image)]
     args += ["--serial", "vdev-cli-disk"]
     if supports_o_direct(tmp_path):
         args.append("--direct")
@@ -164,12 +133,10 @@ async def test_cli_daemon_guest_writes_land_in_the_image(tmp_path: Path) -> None
     script += write_script(chunks)
     script += "dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | sha256sum\n"
 
-    async with vdev_daemon(args, sock, tmp_path / "vdev.log") as daemon:
-        result = await run_guest(script, qemu_args=blk_args(sock))
-        daemon.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            assert await daemon.wait() == 0, (tmp_path / "vdev.log").read_text()
-    assert not sock.exists()
+    daemon = await vdev_daemon(*args)
+    result = await vdev_guest(script, qemu_args=blk_args(daemon.socket))
+    assert await daemon.stop() == 0, daemon.log_text()
+    assert not daemon.socket.exists()
 
     sectors, serial, *sums, whole = assert_ok(result)
     assert int(sectors) * SECTOR == SIZE
@@ -179,8 +146,8 @@ async def test_cli_daemon_guest_writes_land_in_the_image(tmp_path: Path) -> None
     assert image.read_bytes() == expected
 
 
-@needs_qemu
-async def test_read_only_disk_refuses_guest_writes(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_read_only_disk_refuses_guest_writes(tmp_path: Path, vdev_guest: GuestRunner) -> None:
     image = tmp_path / "disk.img"
     original = make_image(image, seed=2)
     sock = tmp_path / "ro.sock"
@@ -193,7 +160,7 @@ async def test_read_only_disk_refuses_guest_writes(tmp_path: Path) -> None:
         dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | sha256sum
     """
     async with serving(BlkDevice(FileBackend(image, readonly=True)), sock) as device:
-        result = await run_guest(script, qemu_args=blk_args(sock))
+        result = await vdev_guest(script, qemu_args=blk_args(sock))
     ro, direct, buffered, whole = assert_ok(result)
     assert ro == "1"
     assert direct != "direct write rc=0"
@@ -220,8 +187,8 @@ def allocated_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-@needs_qemu
-async def test_flush_and_discard_reach_the_host(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_flush_and_discard_reach_the_host(tmp_path: Path, vdev_guest: GuestRunner) -> None:
     image = tmp_path / "disk.img"
     original = make_image(image, seed=3)
     assert allocated_ranges(image) == [(0, SIZE)]
@@ -266,10 +233,9 @@ async def test_flush_and_discard_reach_the_host(tmp_path: Path) -> None:
             f.seek(SIZE - SECTOR)
             f.write(f"go{step}".encode())
 
-    guest_image = await build_guest(extra_binaries=["blkdiscard"])
     async with (
         serving(BlkDevice(FileBackend(image)), sock) as device,
-        start_guest(script, qemu_args=blk_args(sock), image=guest_image) as guest,
+        vdev_guest.start(script, qemu_args=blk_args(sock), extra_binaries=["blkdiscard"]) as guest,
     ):
         with trio.fail_after(120):
             await guest.wait_for("cached write done")
@@ -300,8 +266,10 @@ async def test_flush_and_discard_reach_the_host(tmp_path: Path) -> None:
     assert content == original
 
 
-@needs_qemu
-async def test_two_queues_with_two_vcpus_both_carry_requests(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_two_queues_with_two_vcpus_both_carry_requests(
+    tmp_path: Path, vdev_guest: GuestRunner
+) -> None:
     image = tmp_path / "disk.img"
     original = make_image(image, seed=5)
     sock = tmp_path / "mq.sock"
@@ -318,7 +286,7 @@ async def test_two_queues_with_two_vcpus_both_carry_requests(tmp_path: Path) -> 
     """
     device = BlkDevice(FileBackend(image), queues=2)
     async with serving(device, sock):
-        result = await run_guest(script, qemu_args=blk_args(sock, queues=2), cpus=2)
+        result = await vdev_guest(script, qemu_args=blk_args(sock, queues=2), cpus=2)
     mq0, mq1, sum0, sum1 = assert_ok(result)
     assert (mq0, mq1) == ("0", "1")
     assert sum0.split()[0] == sha256(original[: 4 * MiB])
@@ -346,7 +314,7 @@ def test_demo_script_runs_every_fragment_and_fails_on_any() -> None:
     assert sections["a"].startswith("one") and sections["b"] == "two"
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_vdev_demo(tmp_path: Path) -> None:
     kept = tmp_path / "kept.img"
     scratch = tmp_path / "tmp"
@@ -371,8 +339,10 @@ async def test_vdev_demo(tmp_path: Path) -> None:
     assert list(scratch.iterdir()) == []  # temporary files and sockets are gone
 
 
-@needs_qemu
-async def test_a_4096_byte_sector_disk_is_formatted_and_verified(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_a_4096_byte_sector_disk_is_formatted_and_verified(
+    tmp_path: Path, vdev_guest: GuestRunner
+) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(SIZE))
     sock = tmp_path / "4k.sock"
@@ -385,18 +355,22 @@ async def test_a_4096_byte_sector_disk_is_formatted_and_verified(tmp_path: Path)
         mount -t ext4 /dev/vda /mnt/disk && sha256sum -c /tmp/sum >/dev/null && echo verified
         umount /mnt/disk
     """
-    guest_image = await build_guest(
-        extra_binaries=["mkfs.ext4"], extra_modules=["crc32c_generic", "ext4"]
-    )
     async with serving(BlkDevice(FileBackend(image, block_size=4096)), sock) as device:
-        result = await run_guest(script, qemu_args=blk_args(sock), image=guest_image)
+        result = await vdev_guest(
+            script,
+            qemu_args=blk_args(sock),
+            extra_binaries=["mkfs.ext4"],
+            extra_modules=["crc32c_generic", "ext4"],
+        )
     assert assert_ok(result) == ["4096", "verified"]
     stats = device.stats()
     assert stats["out_requests"] > 0 and stats["errors"] == 0
 
 
-@needs_qemu
-async def test_queue_size_64_takes_the_guests_128_descriptor_tables(tmp_path: Path) -> None:
+@pytest.mark.requires_qemu
+async def test_queue_size_64_takes_the_guests_128_descriptor_tables(
+    tmp_path: Path, vdev_guest: GuestRunner
+) -> None:
     """seg_max 126 lets Linux build 128-entry indirect tables even on a 64-entry queue."""
     image = tmp_path / "disk.img"
     data = make_image(image, seed=5)
@@ -406,7 +380,7 @@ async def test_queue_size_64_takes_the_guests_128_descriptor_tables(tmp_path: Pa
     ]
     script = "dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum\n"
     async with serving(BlkDevice(FileBackend(image)), sock) as device:
-        result = await run_guest(script, qemu_args=args, timeout=60)
+        result = await vdev_guest(script, qemu_args=args, timeout=60)
     [digest] = assert_ok(result)
     assert digest.split()[0] == sha256(data[: 16 * MiB])
     assert device.stats()["errors"] == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,14 +18,11 @@ import trio
 from vdev_backends.net_echo import EchoBackend
 
 from vdev.bench import net as bench_net
-from vdev.bench.net import DPDK_PACKAGES, TESTPMD, PortStats, run_testpmd, virtio_user
+from vdev.bench.net import PortStats, run_testpmd, virtio_user
 from vdev.devices.net import NetDevice
 from vdev.server import DeviceServer
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(TESTPMD) is None,
-    reason=f"{TESTPMD} not installed (apt-get install {DPDK_PACKAGES})",
-)
+pytestmark = pytest.mark.requires_testpmd
 
 #: testpmd's own MAC for the port it sends from in txonly mode (its default peer).
 PEER_MAC = "02:00:00:00:00:00"

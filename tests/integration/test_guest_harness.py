@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -31,11 +30,6 @@ from vdev.testing.guest import (
     build_guest,
     run_guest,
     start_guest,
-)
-
-needs_qemu = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
 )
 
 MiB = 1 << 20
@@ -246,7 +240,7 @@ def _memory(size: str = "256M") -> list[str]:
     return ["-m", size, *render_args("memory", mem_size=size)]
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_vdev_blk_template_reaches_vhost_user(tmp_path: Path) -> None:
     sock = tmp_path / "blk.sock"
     args = [*_memory(), *render_args("vdev-blk", id="blk0", socket=sock, queues=2)]
@@ -256,7 +250,7 @@ async def test_vdev_blk_template_reaches_vhost_user(tmp_path: Path) -> None:
     )
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_vdev_net_template_reaches_vhost_user(tmp_path: Path) -> None:
     sock = tmp_path / "net.sock"
     args = [*_memory(), *render_args("vdev-net", id="net0", socket=sock, queues=2, mq=True)]
@@ -266,7 +260,7 @@ async def test_vdev_net_template_reaches_vhost_user(tmp_path: Path) -> None:
     )
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 @pytest.mark.parametrize("config", ["vdev-blk.cfg", "vdev-net.cfg"])
 async def test_readconfig_files_reach_vhost_user(tmp_path: Path, config: str) -> None:
     original = (qemu.configs_dir() / config).read_text()
@@ -304,7 +298,7 @@ def _disk(path: Path, size: int, seed: int) -> tuple[list[str], bytes]:
     return render_args("builtin-blk", id="disk0", path=path, queues=1, direct=direct), data
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_builtin_blk_read_checksum_and_write(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     args, data = _disk(image, 8 * MiB, seed=1234)
@@ -328,7 +322,7 @@ async def test_builtin_blk_read_checksum_and_write(tmp_path: Path) -> None:
     assert image.read_bytes() == expected
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_output_and_exit_code_propagate() -> None:
     result = await run_guest("echo out; echo err >&2; printf 'last'; exit 42")
     assert result.exit_code == 42
@@ -336,20 +330,20 @@ async def test_output_and_exit_code_propagate() -> None:
     assert "out\nerr\nlast" in result.console
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_kernel_panic_is_reported() -> None:
     with pytest.raises(GuestPanic, match="panic") as caught:
         await run_guest("echo c > /proc/sysrq-trigger; sleep 60")
     assert "Kernel panic" in caught.value.console
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_timeout_kills_qemu() -> None:
     with pytest.raises(GuestTimeout, match="guest console"):
         await run_guest("sleep 600", timeout=1.0)
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_leaving_start_guest_kills_qemu() -> None:
     async with start_guest("echo ready; sleep 600") as guest:
         with trio.fail_after(120):
@@ -360,7 +354,7 @@ async def test_leaving_start_guest_kills_qemu() -> None:
         os.kill(pid, 0)  # killed and reaped: no orphan, no zombie
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_early_qemu_exit_is_an_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.img"
     args = render_args("builtin-blk", id="d", path=missing, queues=1, direct=False)
@@ -369,7 +363,7 @@ async def test_early_qemu_exit_is_an_error(tmp_path: Path) -> None:
     assert "missing.img" in str(caught.value)
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_fio_runs_in_guest(tmp_path: Path) -> None:
     image = await build_guest(extra_binaries=["fio"])
     args, _ = _disk(tmp_path / "disk.img", 16 * MiB, seed=7)
@@ -391,7 +385,7 @@ async def test_fio_runs_in_guest(tmp_path: Path) -> None:
     assert jobs["seqwrite"]["write"]["io_bytes"] == 16 * MiB
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_extra_modules_and_binaries(tmp_path: Path) -> None:
     image = await build_guest(
         extra_binaries=["mkfs.ext4"], extra_modules=["crc32c_generic", "ext4"]
@@ -443,7 +437,7 @@ def _move_tap(tap: str, namespace: str, address: str) -> None:
         ns.link("set", index=index, state="up")
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_builtin_net_tap_guest_pings_namespace(tap_and_netns: tuple[str, str]) -> None:
     # The host end of the TAP lives in a namespace of its own: test traffic stays there.
     tap, namespace = tap_and_netns

@@ -13,35 +13,24 @@ import itertools
 import os
 import random
 import re
-import shutil
 import socket
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from vdev_backends.net_responder import ResponderBackend
 
-from vdev import netsetup, qemu
-from vdev.bench.net import daemon
+from vdev import netsetup
 from vdev.devices.net import NetDevice
 from vdev.qemu import render_args
 from vdev.server import DeviceServer
-from vdev.testing.guest import GuestResult, run_guest, start_guest
+from vdev.testing.guest import GuestResult
+from vdev.testing.pytest_plugin import DaemonFactory, GuestRunner
 
-pytestmark = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
-)
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists(netsetup.TUN_DEVICE),
-    reason="TAP devices and network namespaces need root and /dev/net/tun",
-)
+pytestmark = pytest.mark.requires_qemu
 
 MiB = 1 << 20
-VDEV = [sys.executable, "-m", "vdev.cli"]
 TRANSFER = 8 * MiB
 _ids = itertools.count()
 _SHA = re.compile(r"^(sent|got) ([0-9a-f]{64})", re.MULTILINE)
@@ -132,20 +121,11 @@ async def send_to(ns: str, address: str, port: int, data: bytes) -> None:
     raise AssertionError(f"{address}:{port} refused every connection")
 
 
-@asynccontextmanager
-async def vdev_daemon(tmp_path: Path, sock: Path, *args: str) -> AsyncIterator[None]:
-    """`vdev run ...` as a real subprocess; it must exit 0 on SIGTERM."""
-    log = tmp_path / "vdev.log"
-    async with daemon([*VDEV, "run", *args], sock, log) as process:
-        yield
-    assert process.returncode == 0, log.read_text()
-    assert not sock.exists()
-
-
-@needs_root
-async def test_tap_guest_and_host_namespace_ping_and_transfer(tmp_path: Path, netns: str) -> None:
+@pytest.mark.requires_root
+async def test_tap_guest_and_host_namespace_ping_and_transfer(
+    netns: str, vdev_daemon: DaemonFactory, vdev_guest: GuestRunner
+) -> None:
     host_ip, guest_ip = "10.66.0.1", "10.66.0.2"
-    sock = tmp_path / "nic.sock"
     to_guest = random.Random(1).randbytes(TRANSFER)
     listener = ns_socket(netns, 7001)
     script = f"""
@@ -161,12 +141,10 @@ async def test_tap_guest_and_host_namespace_ping_and_transfer(tmp_path: Path, ne
         nc -l -p 7002 -e /tmp/rx.sh
         echo "got $(sha256sum /tmp/in)"
     """
-    args = ["net", "--socket", str(sock), "--backend", "tap", "--tap", unique("vdt")]
+    args = ["net", "--backend", "tap", "--tap", unique("vdt")]
     args += ["--netns", netns, "-o", f"address={host_ip}/24"]
-    async with (
-        vdev_daemon(tmp_path, sock, *args),
-        start_guest(script, qemu_args=nic_args(sock)) as guest,
-    ):
+    daemon = await vdev_daemon(*args)
+    async with vdev_guest.start(script, qemu_args=nic_args(daemon.socket)) as guest:
         with trio.fail_after(240), listener:
             await guest.wait_for("@pinged")
             ping = await trio.run_process(
@@ -178,6 +156,7 @@ async def test_tap_guest_and_host_namespace_ping_and_transfer(tmp_path: Path, ne
             await guest.wait_for("@listening")
             await send_to(netns, guest_ip, 7002, to_guest)
             result = await guest.wait()
+    assert await daemon.stop() == 0 and not daemon.socket.exists()
     sums = checksums(result)
     assert "3 packets received" in result.output  # the guest pinged the host
     assert ping.returncode == 0, ping.stdout  # and the host the guest
@@ -186,7 +165,9 @@ async def test_tap_guest_and_host_namespace_ping_and_transfer(tmp_path: Path, ne
     assert len(from_guest) == TRANSFER
 
 
-async def test_two_guests_on_a_switch(tmp_path: Path) -> None:
+async def test_two_guests_on_a_switch(
+    tmp_path: Path, vdev_daemon: DaemonFactory, vdev_guest: GuestRunner
+) -> None:
     """One `vdev run --config` daemon serves both NICs, ports of the same switch."""
     socks = [tmp_path / "a.sock", tmp_path / "b.sock"]
     config = tmp_path / "switch.toml"
@@ -220,20 +201,19 @@ async def test_two_guests_on_a_switch(tmp_path: Path) -> None:
     results: dict[str, GuestResult] = {}
 
     async def boot(name: str, script: str, sock: Path) -> None:
-        results[name] = await run_guest(script, qemu_args=nic_args(sock), mem="256M", timeout=300)
+        results[name] = await vdev_guest(script, qemu_args=nic_args(sock), mem="256M", timeout=300)
 
-    # the daemon binds its sockets in config order: once the last exists, all do
-    async with vdev_daemon(tmp_path, socks[-1], "--config", str(config)):
-        assert socks[0].exists()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(boot, "receiver", receiver, socks[0])
-            nursery.start_soon(boot, "sender", sender, socks[1])
+    daemon = await vdev_daemon("--config", str(config))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(boot, "receiver", receiver, socks[0])
+        nursery.start_soon(boot, "sender", sender, socks[1])
+    assert await daemon.stop() == 0 and not any(s.exists() for s in socks)
     for result in results.values():
         assert "3 packets received" in result.output  # each pinged the other
     assert checksums(results["receiver"])["got"] == checksums(results["sender"])["sent"]
 
 
-async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
+async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path, vdev_guest: GuestRunner) -> None:
     """A 2-vCPU guest on a 2-pair NIC: each CPU transmits on its own queue (XPS), and the
     responder's replies spread over both receive queues by flow hash."""
     device = NetDevice(ResponderBackend(address="10.68.0.1/24"), queues=2)
@@ -247,7 +227,7 @@ async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
     """
     async with trio.open_nursery() as nursery:
         await nursery.start(DeviceServer(device, sock).serve)
-        result = await run_guest(script, qemu_args=nic_args(sock, queues=2), cpus=2)
+        result = await vdev_guest(script, qemu_args=nic_args(sock, queues=2), cpus=2)
         nursery.cancel_scope.cancel()
     device.close()
     assert result.exit_code == 0, result.output

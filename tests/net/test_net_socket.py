@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import trio
 from net_helpers import MAC_A, MAC_B, ListBackend, eth_frame, hdr_fields
 from vdev_backends.net_echo import EchoBackend
@@ -21,6 +20,7 @@ from vdev.protocol import (
 )
 from vdev.testing.driver_rings import DriverPackedRing
 from vdev.testing.frontend import Frontend, FrontendQueue, serve_device
+from vdev.testing.pytest_plugin import FrontendFactory
 from vdev.virtio.features import TRANSPORT_FEATURES, VirtioFeature
 
 
@@ -39,50 +39,47 @@ async def echo_round(rx: FrontendQueue, tx: FrontendQueue, frames: list[bytes]) 
     return [b"".join(u.data)[12:] for u in used]
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-async def test_echo_over_vhost_user(tmp_path: Path, packed: bool) -> None:
+async def test_echo_over_vhost_user(vdev_frontend: FrontendFactory, vdev_ring_layout: str) -> None:
+    packed = vdev_ring_layout == "packed"
     device = NetDevice(EchoBackend(), mac="52:54:00:00:00:01", mtu=1500)
     frames = [eth_frame(MAC_B, MAC_A, bytes([i]) * (50 + 97 * i)) for i in range(10)]
-    async with serve_device(device, tmp_path / "net.sock") as path, Frontend.connect(path) as fe:
-        features = await fe.negotiate(packed=packed)
-        assert features & NetFeature.MRG_RXBUF and features & NetFeature.MTU
-        assert bool(features & VirtioFeature.RING_PACKED) == packed
-        config = device.config()[: NET_CONFIG.size]
-        assert NET_CONFIG.unpack(config) == (MAC_A, 1, 1, 1500)
-        rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
-        got = await echo_round(rx, tx, frames)
+    fe = await vdev_frontend(device, packed=packed)
+    assert fe.features & NetFeature.MRG_RXBUF and fe.features & NetFeature.MTU
+    assert bool(fe.features & VirtioFeature.RING_PACKED) == packed
+    config = device.config()[: NET_CONFIG.size]
+    assert NET_CONFIG.unpack(config) == (MAC_A, 1, 1, 1500)
+    rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
+    got = await echo_round(rx, tx, frames)
     assert got == [f[6:12] + f[0:6] + f[12:] for f in frames]
 
 
-async def test_rarp_and_mtu_messages(tmp_path: Path) -> None:
+async def test_rarp_and_mtu_messages(vdev_frontend: FrontendFactory) -> None:
     backend = ListBackend()
     device = NetDevice(backend)
-    async with serve_device(device, tmp_path / "net.sock") as path, Frontend.connect(path) as fe:
-        await fe.negotiate()
-        assert fe.protocol_features & ProtocolFeature.RARP
-        assert fe.protocol_features & ProtocolFeature.NET_MTU
-        await fe.send(Request.SEND_RARP, MAC_B, need_reply=True)
-        await fe.send(Request.NET_SET_MTU, 4000, need_reply=True)
-        config = device.config()[: NET_CONFIG.size]
+    fe = await vdev_frontend(device)
+    assert fe.protocol_features & ProtocolFeature.RARP
+    assert fe.protocol_features & ProtocolFeature.NET_MTU
+    await fe.send(Request.SEND_RARP, MAC_B, need_reply=True)
+    await fe.send(Request.NET_SET_MTU, 4000, need_reply=True)
+    config = device.config()[: NET_CONFIG.size]
     assert backend.sent == [rarp_announce(MAC_B)]
     assert NET_CONFIG.unpack(config)[3] == 4000
 
 
-async def test_multiqueue_over_vhost_user(tmp_path: Path) -> None:
+async def test_multiqueue_over_vhost_user(vdev_frontend: FrontendFactory) -> None:
     device = NetDevice(EchoBackend(), queues=2)
-    async with serve_device(device, tmp_path / "net.sock") as path, Frontend.connect(path) as fe:
-        await fe.negotiate()
-        assert (await fe.send(Request.GET_QUEUE_NUM)).payload == 4  # type: ignore[union-attr]
-        queues = [await fe.setup_queue(i) for i in range(4)]
-        frame = eth_frame(MAC_B, MAC_A, b"pair 1")
-        queues[0].add([], [2048])
-        queues[2].add([], [2048])
-        queues[0].kick()
-        queues[2].kick()
-        queues[3].add([bytes(12) + frame], [])
-        queues[3].kick()
-        await queues[3].wait_used(1)
-        [echo] = await queues[2].wait_used(1)  # an echo stays on the pair that sent it
+    fe = await vdev_frontend(device)
+    assert (await fe.send(Request.GET_QUEUE_NUM)).payload == 4  # type: ignore[union-attr]
+    queues = [await fe.setup_queue(i) for i in range(4)]
+    frame = eth_frame(MAC_B, MAC_A, b"pair 1")
+    queues[0].add([], [2048])
+    queues[2].add([], [2048])
+    queues[0].kick()
+    queues[2].kick()
+    queues[3].add([bytes(12) + frame], [])
+    queues[3].kick()
+    await queues[3].wait_used(1)
+    [echo] = await queues[2].wait_used(1)  # an echo stays on the pair that sent it
     assert b"".join(echo.data)[12:] == MAC_A + MAC_B + frame[12:]
     stats = device.stats()
     assert stats["tx1_frames"] == 1 and stats["rx1_frames"] == 1 and stats["rx0_frames"] == 0
@@ -130,18 +127,17 @@ async def test_dpdk_like_session(tmp_path: Path) -> None:
     assert got == [f[6:12] + f[0:6] + f[12:] for f in frames]
 
 
-async def test_guest_buffers_too_small_over_socket(tmp_path: Path) -> None:
+async def test_guest_buffers_too_small_over_socket(vdev_frontend: FrontendFactory) -> None:
     device = NetDevice(EchoBackend(), mrg_rxbuf=False)
-    async with serve_device(device, tmp_path / "net.sock") as path, Frontend.connect(path) as fe:
-        await fe.negotiate()
-        rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
-        rx.add([], [128])
-        rx.kick()
-        tx.add([bytes(12) + eth_frame(MAC_B, MAC_A, bytes(500))], [])
-        tx.kick()
-        await tx.wait_used(1)
-        with trio.fail_after(5):
-            while not device.stats().get("drop_rx_oversize"):
-                await trio.sleep(0.01)
-        assert rx.ring.get_used() == []  # dropped, not truncated into the buffer
+    fe = await vdev_frontend(device)
+    rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
+    rx.add([], [128])
+    rx.kick()
+    tx.add([bytes(12) + eth_frame(MAC_B, MAC_A, bytes(500))], [])
+    tx.kick()
+    await tx.wait_used(1)
+    with trio.fail_after(5):
+        while not device.stats().get("drop_rx_oversize"):
+            await trio.sleep(0.01)
+    assert rx.ring.get_used() == []  # dropped, not truncated into the buffer
     assert device.stats()["drop_rx_oversize"] == 1

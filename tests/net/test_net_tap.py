@@ -22,10 +22,7 @@ from vdev.devices.base import DeviceError
 from vdev.devices.net import HdrFlag, NetDevice, NetFeature
 from vdev.protocol import Request
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
-    reason="TAP tests need root and /dev/net/tun",
-)
+pytestmark = pytest.mark.requires_root
 
 _ids = itertools.count()
 HOST_IP = "10.77.0.1"
