@@ -20,8 +20,8 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
-from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
+from vdev.net import format_mac, parse_mac
 from vdev.plugins import plugins
 from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
