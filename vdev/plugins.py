@@ -72,7 +72,7 @@ class Plugin:
         """Import the plugin's class; PluginImportError (one line) if that fails."""
         try:
             return self.entry_point.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # whatever the plugin's import raised
             error = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise PluginImportError(
                 f"{self.kind.label} {self.name!r} (entry point {self.target!r} of "

@@ -27,6 +27,7 @@ MODULES = {
     "broken_syntax": ("class Disk(:\n", "SyntaxError"),
     "broken_raises": ("raise RuntimeError('no licence server')\n", "RuntimeError: no licence"),
     "broken_attr": ("X = 1\n", "AttributeError"),
+    "broken_exits": ("raise SystemExit(3)\n", "SystemExit: 3"),
 }
 ENTRY_POINTS = """\
 [vdev.blk_backends]
@@ -34,6 +35,7 @@ missing = broken_missing_module:Disk
 syntax = broken_syntax:Disk
 raises = broken_raises:Disk
 attr = broken_attr:Disk
+exits = broken_exits:Disk
 
 [vdev.devices]
 broken = broken_raises:Device
@@ -44,6 +46,7 @@ BROKEN = [
     (Kind.BLK_BACKEND, "syntax", MODULES["broken_syntax"][1]),
     (Kind.BLK_BACKEND, "raises", MODULES["broken_raises"][1]),
     (Kind.BLK_BACKEND, "attr", MODULES["broken_attr"][1]),
+    (Kind.BLK_BACKEND, "exits", MODULES["broken_exits"][1]),
     (Kind.DEVICE, "broken", MODULES["broken_raises"][1]),
 ]
 VDEV = [sys.executable, "-m", "vdev.cli"]
