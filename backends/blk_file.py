@@ -14,8 +14,7 @@ import stat
 from collections.abc import Callable, Sequence
 from enum import IntFlag
 
-from vdev.backend import BackendError, BlockBackend, block_size_option
-from vdev.units import parse_bool
+from vdev.backend import BackendError, BlockBackend, block_size_option, bool_option
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +36,6 @@ class Falloc(IntFlag):
     KEEP_SIZE = 0x01
     PUNCH_HOLE = 0x02
     ZERO_RANGE = 0x10
-
-
-def _flag(option: str, value: bool | str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError as exc:
-        raise BackendError(f"{option}: {exc}") from None
 
 
 def _transfer(op: Transfer, fd: int, offset: int, buffers: Sequence[memoryview]) -> None:
@@ -84,8 +76,8 @@ class FileBackend(BlockBackend):
         block_size: int | str = 512,
     ) -> None:
         self.path = os.fspath(path)
-        self.read_only = _flag("readonly", readonly)
-        direct = _flag("direct", direct)
+        self.read_only = bool_option("readonly", readonly)
+        direct = bool_option("direct", direct)
         self.serial = serial
         self._direct_fd: int | None = None
         self._unsupported: set[Falloc] = set()

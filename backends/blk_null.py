@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vdev.backend import BackendError, BlockBackend, block_size_option
-from vdev.units import parse_size
+from vdev.backend import BlockBackend, block_size_option, size_option
 
 SECTOR_SIZE = 512
 _ZEROS = memoryview(bytes(1 << 16))
-
-
-def disk_size(size: int | str) -> int:
-    """The `size` option of a memory-like disk: bytes, or text such as "1G"."""
-    try:
-        return parse_size(size, multiple_of=SECTOR_SIZE)
-    except ValueError as exc:
-        raise BackendError(f"size: {exc}") from None
 
 
 def fill_zeros(buffers: Sequence[memoryview]) -> None:
@@ -31,7 +22,7 @@ class NullBackend(BlockBackend):
     """`size` bytes of nothing: reads return zeros, writes and discards succeed."""
 
     def __init__(self, size: int | str, serial: str = "", block_size: int | str = 512) -> None:
-        self.size = disk_size(size)
+        self.size = size_option("size", size, multiple_of=SECTOR_SIZE)
         self.serial = serial
         self.block_size = block_size_option(block_size, self.size)
 

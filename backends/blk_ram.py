@@ -5,16 +5,16 @@ from __future__ import annotations
 import mmap
 from collections.abc import Sequence
 
-from vdev_backends.blk_null import disk_size, fill_zeros
+from vdev_backends.blk_null import SECTOR_SIZE, fill_zeros
 
-from vdev.backend import BackendError, BlockBackend, block_size_option
+from vdev.backend import BackendError, BlockBackend, block_size_option, size_option
 
 
 class RamBackend(BlockBackend):
     """`size` bytes of private anonymous memory (lost when the daemon stops)."""
 
     def __init__(self, size: int | str, serial: str = "", block_size: int | str = 512) -> None:
-        self.size = disk_size(size)
+        self.size = size_option("size", size, multiple_of=SECTOR_SIZE)
         self.serial = serial
         self.block_size = block_size_option(block_size, self.size)
         try:

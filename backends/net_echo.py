@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vdev.backend import NetBackend
-from vdev.devices.net import MAX_TX_FRAME, frame_len
+from vdev.net import MAX_TX_FRAME, frame_len
 
 
 class EchoBackend(NetBackend):

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 
 from vdev.backend import BackendError, NetBackend
-from vdev.devices.net import join_frame, parse_mac
+from vdev.net import join_frame, parse_mac
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from vdev.backend import BackendError, NetBackend
-from vdev.devices.net import join_frame
+from vdev.net import join_frame
 
 log = logging.getLogger(__name__)
 

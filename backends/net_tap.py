@@ -19,10 +19,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vdev import netsetup
-from vdev.backend import BackendError, NetBackend
-from vdev.devices.net import NetFeature, vnet_hdr_len
+from vdev.backend import BackendError, NetBackend, int_option
+from vdev.net import NetFeature, vnet_hdr_len
 from vdev.netsetup import TunOffload
-from vdev.units import parse_int
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,8 @@ class TapBackend(NetBackend):
         self.tap = _checked("tap", tap)
         self.bridge = None if bridge is None else _checked("bridge", bridge)
         self.netns = netns
-        self.mtu = _mtu_option(mtu)
-        try:
-            self.queues = parse_int(queues, 1, 256)
-        except ValueError as exc:
-            raise BackendError(f"queues: {exc}") from None
+        self.mtu = None if mtu is None else int_option("mtu", mtu, 68, 65521)
+        self.queues = int_option("queues", queues, 1, 256)
         if address is not None:
             try:
                 ipaddress.ip_interface(address)
@@ -216,15 +212,6 @@ def _checked(option: str, name: str) -> str:
         return netsetup.check_ifname(name)
     except ValueError as exc:
         raise BackendError(f"{option}: {exc}") from None
-
-
-def _mtu_option(mtu: int | str | None) -> int | None:
-    if mtu is None:
-        return None
-    try:
-        return parse_int(mtu, 68, 65521)
-    except ValueError as exc:
-        raise BackendError(f"mtu: {exc}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,15 +8,68 @@ separate driver domain, without the backend noticing the difference.
 Buffers are memoryviews straight into guest memory, so a backend can `os.preadv` into
 them or `os.pwritev` from them with no copy. A backend must not keep a reference to a
 buffer after the call returns.
+
+Exports:
+
+- `BlockBackend`: the block contract (`size`, `read`, `write`; the rest optional);
+- `NetBackend`, `DeliverFn`: the net contract (`transmit`; delivery into the guest);
+- `BackendError`: raise it for a backend that cannot be created or used;
+- option parsing for constructors, which get each option as a Python value (TOML) or
+  text (`-o KEY=VALUE`): `size_option` ("512M"), `int_option`, `bool_option`
+  ("on"/"off"), `block_size_option` (one of `BLOCK_SIZES`, dividing the disk); each
+  raises `OptionError` (a BackendError and a ValueError) naming the option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from vdev.units import parse_bool, parse_int, parse_size
+
+__all__ = [
+    "BLOCK_SIZES",
+    "BackendError",
+    "BlockBackend",
+    "DeliverFn",
+    "NetBackend",
+    "OptionError",
+    "block_size_option",
+    "bool_option",
+    "int_option",
+    "size_option",
+]
+
 
 class BackendError(Exception):
     """A backend cannot be created or used (bad option, missing file, ...)."""
+
+
+class OptionError(BackendError, ValueError):
+    """An option has a bad value; the message starts with the option's name."""
+
+
+def size_option(name: str, value: int | str, *, multiple_of: int = 1) -> int:
+    """Bytes given as an int or text such as "4096", "512M", "1G" (binary suffixes)."""
+    try:
+        return parse_size(value, multiple_of=multiple_of)
+    except ValueError as exc:
+        raise OptionError(f"{name}: {exc}") from None
+
+
+def int_option(name: str, value: int | str, low: int, high: int) -> int:
+    """A whole number from `low` to `high` (inclusive), given as an int or text."""
+    try:
+        return parse_int(value, low, high)
+    except ValueError as exc:
+        raise OptionError(f"{name}: {exc}") from None
+
+
+def bool_option(name: str, value: bool | int | str) -> bool:
+    """A flag given as a bool, 0/1, or text: true/false, yes/no, on/off."""
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise OptionError(f"{name}: {exc}") from None
 
 
 #: Logical block sizes a disk may have (what Linux accepts: 512 bytes to a page).
@@ -24,16 +77,16 @@ BLOCK_SIZES = (512, 1024, 2048, 4096)
 
 
 def block_size_option(value: int | str, size: int) -> int:
-    """The `block_size` option of a disk of `size` bytes, checked (BackendError)."""
+    """The `block_size` option of a disk of `size` bytes, checked (OptionError)."""
     try:
         block_size = int(value)
     except (TypeError, ValueError):
-        raise BackendError(f"block_size: {value!r} is not a number") from None
+        raise OptionError(f"block_size: {value!r} is not a number") from None
     if block_size not in BLOCK_SIZES:
         choices = ", ".join(map(str, BLOCK_SIZES))
-        raise BackendError(f"block_size: {block_size} is not one of {choices}")
+        raise OptionError(f"block_size: {block_size} is not one of {choices}")
     if size % block_size:
-        raise BackendError(
+        raise OptionError(
             f"block_size: the disk's {size} bytes are not whole {block_size}-byte blocks"
         )
     return block_size

@@ -20,9 +20,9 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
-from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
-from vdev.plugins import plugins
+from vdev.net import format_mac, parse_mac
+from vdev.plugins import PluginError, plugins
 from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
 from vdev.trioutil import unwrap_single
@@ -209,7 +209,9 @@ def _build_parser() -> Parser:
     backends = sub.add_parser(
         "backends",
         help="list installed device types and backends",
-        description="List device types and backends installed as entry points.",
+        description="List device types and backends installed as entry points. Each is "
+        "imported; one that fails to import is reported on stderr in one line (entry point, "
+        "distribution, error), the others are still listed, and the exit status is 2.",
     )
     backends.set_defaults(func=_cmd_backends)
 
@@ -400,11 +402,21 @@ async def _serve_until_signal(servers: Sequence[DeviceServer]) -> None:
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    rows = [(p.kind.label, p.name, p.distribution, p.target) for p in plugins()]
+    """List the installed plugins that import; report each one that does not (exit 2)."""
+    rows = []
+    broken = 0
+    for plugin in plugins():
+        try:
+            plugin.load()
+        except PluginError as exc:
+            print(f"vdev backends: error: {exc}", file=sys.stderr)
+            broken += 1
+        else:
+            rows.append((plugin.kind.label, plugin.name, plugin.distribution, plugin.target))
     widths = [max(len(r[i]) for r in [("KIND", "NAME", "PACKAGE", ""), *rows]) for i in range(3)]
     for row in [("KIND", "NAME", "PACKAGE", "ENTRY POINT"), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3])
-    return 0
+    return EXIT_USAGE if broken else 0
 
 
 def _mac(text: str) -> str:

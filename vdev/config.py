@@ -26,7 +26,7 @@ from vdev.domain.confine import ConfineError, lookup_user
 from vdev.domain.host import DomainError
 from vdev.domain.proxy import attach, open_backend
 from vdev.domain.spec import DomainSpec
-from vdev.plugins import Kind, PluginNotFound, load
+from vdev.plugins import Kind, PluginError, load
 
 
 class ConfigError(Exception):
@@ -99,7 +99,7 @@ def build_device(spec: DeviceSpec) -> Device:
         device_cls = load(Kind.DEVICE, spec.type)
         backend_kind = BACKEND_KINDS.get(spec.type)
         backend_cls = load(backend_kind, spec.backend) if backend_kind and spec.backend else None
-    except PluginNotFound as exc:
+    except PluginError as exc:
         raise ConfigError(str(exc)) from exc
     if backend_kind is None:
         if spec.backend is not None:

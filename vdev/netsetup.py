@@ -6,6 +6,16 @@ meant for startup and teardown, from a worker thread, never from the event loop.
 Network namespaces are per thread on Linux, so `in_netns` runs a function in a fresh
 thread that has entered the namespace: netlink sockets and TAP file descriptors opened
 there belong to that namespace and stay usable from any thread afterwards.
+
+Exports (public for net backends; `NetSetupError` or `OSError` / pyroute2's
+`NetlinkError` on failure):
+
+- namespaces: `netns_exists`, `create_netns`, `remove_netns`, `in_netns`,
+  `with_iproute` (an IPRoute socket in a namespace);
+- links: `check_ifname`, `link_index`, `create_tap`, `create_bridge`, `remove_link`,
+  `move_link`, `has_carrier`, `set_up`, `set_mtu`, `set_master`, `add_address`;
+- TAP file descriptors: `open_tap` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR),
+  `set_vnet_hdr_size`, `set_offload` (`TunOffload` flags), `set_queue_attached`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,31 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+__all__ = [
+    "NetSetupError",
+    "TunOffload",
+    "add_address",
+    "check_ifname",
+    "create_bridge",
+    "create_netns",
+    "create_tap",
+    "has_carrier",
+    "in_netns",
+    "link_index",
+    "move_link",
+    "netns_exists",
+    "open_tap",
+    "remove_link",
+    "remove_netns",
+    "set_master",
+    "set_mtu",
+    "set_offload",
+    "set_queue_attached",
+    "set_up",
+    "set_vnet_hdr_size",
+    "with_iproute",
+]
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,10 @@ queue may have work. The queue has the libvhost-user calls: `pop_batch` / `pop` 
 chains), `fill` / `push` (complete one), `notify` (publish and interrupt the driver if
 it asked for it). Handlers run on the worker thread, never on the event loop: they may
 block on I/O, and they must not call trio.
+
+Exports: `Device` (the base class), `Queue` (what `handle` is given), `DescriptorChain`
+(what a queue pops: `readable` / `writable` views into guest memory, `read_all`,
+`write_into`), `DeviceError` (a request the device refuses).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import ClassVar, Protocol
 
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.memory import GuestMemory
+
+__all__ = ["DescriptorChain", "Device", "DeviceError", "Queue"]
 
 log = logging.getLogger(__name__)
 

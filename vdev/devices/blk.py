@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from enum import IntFlag
 
-from vdev.backend import BlockBackend
+from vdev.backend import BlockBackend, int_option
 from vdev.devices.aio import default_executor
 from vdev.devices.base import Device, DeviceError, Queue
 from vdev.devices.blk_requests import (
@@ -30,7 +30,6 @@ from vdev.devices.blk_requests import (
     RequestType,
     Status,
 )
-from vdev.units import parse_int
 from vdev.virtio.chain import DescriptorChain
 
 __all__ = ["BlkDevice", "BlkFeature", "BlkRequest", "RequestType", "Status"]
@@ -117,13 +116,6 @@ def split_at(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], lis
     return head, tail
 
 
-def _option(name: str, value: int | str, low: int, high: int) -> int:
-    try:
-        return parse_int(value, low, high)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-
-
 def _scatter(views: Sequence[memoryview], data: bytes) -> None:
     for view in views:
         chunk = data[: view.nbytes]
@@ -151,9 +143,9 @@ class BlkDevice(Device):
         serial: str = "",
     ) -> None:
         super().__init__(
-            num_queues=_option("queues", queues, 1, 0xFFFF),
+            num_queues=int_option("queues", queues, 1, 0xFFFF),
             # A request takes at least three descriptors: header, data, status.
-            max_queue_size=_option("max_queue_size", max_queue_size, 3, 0x8000),
+            max_queue_size=int_option("max_queue_size", max_queue_size, 3, 0x8000),
         )
         serial = serial or backend.serial
         try:

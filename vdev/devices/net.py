@@ -33,40 +33,26 @@ from typing import ClassVar
 
 import trio
 
-from vdev.backend import NetBackend
+from vdev.backend import NetBackend, bool_option, int_option
 from vdev.devices.base import Device, DeviceError, Queue
+from vdev.net import (
+    ETH_HLEN,
+    MAX_FRAME,
+    NET_HDR,
+    NUM_BUFFERS,
+    VLAN_HLEN,
+    GsoType,
+    HdrFlag,
+    NetFeature,
+    format_mac,
+    frame_len,
+    parse_mac,
+    vnet_hdr_len,
+)
 from vdev.protocol.constants import ProtocolFeature, Request
-from vdev.units import parse_bool, parse_int
 from vdev.virtio.chain import DescriptorChain
-from vdev.virtio.features import VirtioFeature
 
 log = logging.getLogger(__name__)
-
-
-class NetFeature(IntFlag):
-    """virtio-net feature bits (virtio 1.2, 5.1.3)."""
-
-    CSUM = 1 << 0
-    GUEST_CSUM = 1 << 1
-    CTRL_GUEST_OFFLOADS = 1 << 2
-    MTU = 1 << 3
-    MAC = 1 << 5
-    GUEST_TSO4 = 1 << 7
-    GUEST_TSO6 = 1 << 8
-    GUEST_ECN = 1 << 9
-    GUEST_UFO = 1 << 10
-    HOST_TSO4 = 1 << 11
-    HOST_TSO6 = 1 << 12
-    HOST_ECN = 1 << 13
-    HOST_UFO = 1 << 14
-    MRG_RXBUF = 1 << 15
-    STATUS = 1 << 16
-    CTRL_VQ = 1 << 17
-    CTRL_RX = 1 << 18
-    CTRL_VLAN = 1 << 19
-    GUEST_ANNOUNCE = 1 << 21
-    MQ = 1 << 22
-    CTRL_MAC_ADDR = 1 << 23
 
 
 #: The offloads a `vnet_hdr` backend may declare in `offload_features`.
@@ -95,43 +81,15 @@ class NetStatus(IntFlag):
     ANNOUNCE = 2
 
 
-class HdrFlag(IntFlag):
-    """`flags` of struct virtio_net_hdr."""
-
-    NEEDS_CSUM = 1
-    DATA_VALID = 2
-    RSC_INFO = 4
-
-
-class GsoType(IntEnum):
-    """`gso_type` of struct virtio_net_hdr."""
-
-    NONE = 0
-    TCPV4 = 1
-    UDP = 3
-    TCPV6 = 4
-    UDP_L4 = 5
-    ECN = 0x80
-
-
 # Plain ints for the per-frame path (IntFlag arithmetic costs a call each time).
 _NEEDS_CSUM = int(HdrFlag.NEEDS_CSUM)
 _GSO_NONE = int(GsoType.NONE)
 
-#: struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
-#: num_buffers (the last field only with VERSION_1 or MRG_RXBUF).
-NET_HDR = struct.Struct("<BBHHHHH")
-NUM_BUFFERS = struct.Struct("<H")
+#: Where num_buffers sits in struct virtio_net_hdr.
 NUM_BUFFERS_OFFSET = 10
 #: struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu.
 NET_CONFIG = struct.Struct("<6sHHH")
 
-ETH_HLEN = 14
-VLAN_HLEN = 4
-#: The largest frame a driver may receive: a 64 KiB IP packet (GSO) in a tagged frame.
-MAX_FRAME = 0xFFFF + ETH_HLEN + VLAN_HLEN
-#: ... and the largest a backend is handed, with a virtio-net header in front.
-MAX_TX_FRAME = MAX_FRAME + NET_HDR.size
 DEFAULT_MTU = 1500
 MIN_MTU = 68
 #: Frames placed per pass over a receive queue (then the driver is notified).
@@ -140,13 +98,6 @@ RX_BATCH = 256
 TX_BATCH = 256
 #: More chains than any ring has: a receive queue pools all the driver offers.
 POOL_MAX = 0x8000
-
-
-def vnet_hdr_len(features: int) -> int:
-    """Size of the virtio-net header the driver uses with `features` (12 or legacy 10)."""
-    if features & (VirtioFeature.VERSION_1 | NetFeature.MRG_RXBUF):
-        return NET_HDR.size
-    return NET_HDR.size - NUM_BUFFERS.size
 
 
 def consistent_offloads(features: int) -> int:
@@ -163,25 +114,6 @@ def consistent_offloads(features: int) -> int:
         drop |= NetFeature.HOST_ECN
     # int(): inverting an IntFlag would also clear every bit outside NetFeature.
     return features & ~int(drop)
-
-
-def parse_mac(text: str | bytes) -> bytes:
-    """b"\\x52\\x54..." from "52:54:00:12:34:56" (or 6 raw bytes); ValueError if malformed."""
-    if isinstance(text, bytes):
-        if len(text) != 6:
-            raise ValueError(f"a MAC address has 6 bytes, not {len(text)}")
-        return text
-    parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
-        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def rarp_announce(mac: bytes) -> bytes:
@@ -216,17 +148,6 @@ def _skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
             out.append(view[n:] if n else view)
             n = 0
     return out
-
-
-def frame_len(frame: Sequence[memoryview]) -> int:
-    """Bytes in a scatter list (summed, nothing copied)."""
-    return frame[0].nbytes if len(frame) == 1 else sum(v.nbytes for v in frame)
-
-
-def join_frame(frame: Sequence[memoryview]) -> bytes | None:
-    """A copy of a transmitted frame in one piece, or None (nothing copied) if it is
-    larger than any frame may be (for backends that look into frames)."""
-    return None if frame_len(frame) > MAX_TX_FRAME else b"".join(frame)
 
 
 class _Rx(IntEnum):
@@ -288,10 +209,10 @@ class NetDevice(Device):
         rx_backlog: int | str = 256,
         mrg_rxbuf: bool | str = True,
     ) -> None:
-        pairs = _int_option("queues", queues, 1, 0x8000)
+        pairs = int_option("queues", queues, 1, 0x8000)
         super().__init__(
             num_queues=2 * pairs,
-            max_queue_size=_int_option("max_queue_size", max_queue_size, 1, 0x8000),
+            max_queue_size=int_option("max_queue_size", max_queue_size, 1, 0x8000),
         )
         self.backend = backend
         self.num_queue_pairs = pairs
@@ -299,12 +220,9 @@ class NetDevice(Device):
             self.mac = None if mac is None else parse_mac(mac)
         except ValueError as exc:
             raise ValueError(f"mac: {exc}") from None
-        self.mtu = None if mtu is None else _int_option("mtu", mtu, MIN_MTU, 0xFFFF)
-        self.rx_backlog = _int_option("rx_backlog", rx_backlog, 1, 1 << 20)
-        try:
-            self.mrg_rxbuf = parse_bool(mrg_rxbuf)
-        except ValueError as exc:
-            raise ValueError(f"mrg_rxbuf: {exc}") from None
+        self.mtu = None if mtu is None else int_option("mtu", mtu, MIN_MTU, 0xFFFF)
+        self.rx_backlog = int_option("rx_backlog", rx_backlog, 1, 1 << 20)
+        self.mrg_rxbuf = bool_option("mrg_rxbuf", mrg_rxbuf)
         self._rx = [_RxQueue(pair) for pair in range(pairs)]
         self._tx = [_Counters() for _ in range(pairs)]
         #: Running receive queues (replaced whole, so other threads read a snapshot),
@@ -727,11 +645,3 @@ class NetDevice(Device):
         out.update({f"drop_{reason}": n for reason, n in sorted(self._drops.items())})
         out["rarp_sent"] = self._rarp_sent
         return out
-
-
-def _int_option(name: str, value: int | str, low: int, high: int) -> int:
-    """`value` as an int in low..high; ValueError naming the option otherwise."""
-    try:
-        return parse_int(value, low, high)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None

@@ -53,7 +53,7 @@ from vdev.domain.channel import (
     RingLayout,
     check_layout,
 )
-from vdev.plugins import Kind, PluginNotFound, load
+from vdev.plugins import Kind, PluginError, load
 from vdev.virtio.chain import DescriptorChain
 from vdev.virtio.errors import GuestMemoryError
 from vdev.virtio.layout import U16, split_ring_sizes
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().setLevel(level)
     try:
         domain = Domain(sock, message)
-    except (BackendError, PluginNotFound, confine.ConfineError, ValueError, TypeError) as exc:
+    except (BackendError, PluginError, confine.ConfineError, ValueError, TypeError) as exc:
         control.send(sock, {"op": "error", "message": str(exc)})
         return 1
     except Exception as exc:

@@ -12,10 +12,10 @@ import threading
 from collections.abc import Sequence
 
 from vdev.backend import NetBackend
-from vdev.devices.net import frame_len
 from vdev.domain.attributes import attribute
 from vdev.domain.channel import WRITE, ChannelError, Op, copy_views
 from vdev.domain.host import DomainHost
+from vdev.net import frame_len
 
 MiB = 1 << 20
 #: Receive buffers posted to a net domain, each large enough for any frame (64 KiB

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from vdev.backend import int_option
 from vdev.devices.base import Device, Queue
 
 
@@ -17,8 +18,9 @@ class RngDevice(Device):
 
     device_id = 4
 
-    def __init__(self, *, max_queue_size: int = 1024) -> None:
-        super().__init__(num_queues=1, max_queue_size=int(max_queue_size))
+    def __init__(self, *, max_queue_size: int | str = 1024) -> None:
+        size = int_option("max_queue_size", max_queue_size, 1, 32768)
+        super().__init__(num_queues=1, max_queue_size=size)
         self.bytes_served = 0
 
     def handle(self, queue: Queue) -> None:
