@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
-from vdev import __version__
+from vdev import __version__, libvirt
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
 from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
@@ -219,7 +219,8 @@ def _build_parser() -> Parser:
         description="Print the QEMU options that give a guest shared memory (-m and its "
         "memory backend) and attach a vdev device on SOCKET (templates from qemu-configs/). "
         "Paste them into your QEMU command line, e.g. "
-        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ...",
+        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ... "
+        "With --libvirt, print the same as libvirt domain XML to merge into a domain.",
     )
     qemu.add_argument("type", choices=("blk", "net"), help="device type")
     qemu.add_argument("--socket", type=Path, required=True, help="vhost-user socket path")
@@ -231,6 +232,11 @@ def _build_parser() -> Parser:
         type=_mac,
         help="net: the guest's MAC (default: derived from the socket path); "
         "give `vdev run net` the same --mac",
+    )
+    qemu.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="print libvirt domain XML (memory, memoryBacking, the device) instead",
     )
     qemu.set_defaults(func=_cmd_qemu_args)
 
@@ -424,9 +430,21 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         mib = mem_mib(args.mem)
     except ValueError as exc:
         raise ConfigError(f"--mem: {exc} (a whole number of MiB)") from None
-    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+    if args.mac is not None and args.type != "net":
+        raise ConfigError("--mac: only a net device has a MAC")
     socket = args.socket.resolve()
     device_id = args.id or f"vdev-{args.type}0"
+    mac = args.mac or default_mac(socket)
+    if args.libvirt:
+        try:
+            xml = libvirt.domain_snippet(
+                args.type, socket, mib=mib, device_id=device_id, queues=args.queues, mac=mac
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--id: {exc}") from None
+        print(libvirt.to_text(xml), end="")
+        return 0
+    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
     params: dict[str, Any] = {"socket": socket, "id": device_id, "queues": args.queues}
     if args.type == "net":
         params["mq"] = args.queues > 1
@@ -434,7 +452,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     argv += render_args(f"vdev-{args.type}", **params)
     if args.type == "net":
         nic = next(i for i, arg in enumerate(argv) if arg.startswith("virtio-net-pci,"))
-        argv[nic] += f",mac={args.mac or default_mac(socket)}"
+        argv[nic] += f",mac={mac}"
     print(shlex.join(argv))
     return 0
 
