@@ -82,8 +82,6 @@ class Workload:
     kind: str
     #: Unit of the headline figure (`VALUE`), e.g. "IOPS" or "MiB/s".
     unit: str
-    #: The issue's target for vdev rows, as a fraction of the reference's figure.
-    goal: float | None = None
     #: Extra figures worth a line of their own in the table: (key, label) pairs.
     extras: tuple[tuple[str, str], ...] = ()
     #: Host programs the guest needs for this workload (see `build_guest`).
@@ -113,8 +111,6 @@ class Target:
     setup: Setup
     #: The row every other row is compared with.
     reference: bool = False
-    #: The workloads' goals apply to this row (vdev rows).
-    goals: bool = False
 
 
 @dataclass
@@ -150,18 +146,6 @@ class BenchResult:
         if ours is None or not theirs:
             return None
         return ours / theirs
-
-    def goals(self) -> list[tuple[Target, Workload, float, bool]]:
-        """(target, workload, ratio, met) for every goal that applies."""
-        checks = []
-        for target in self.targets:
-            if not target.goals:
-                continue
-            for workload in self.workloads_of(target):
-                ratio = self.ratio(target.name, workload.name)
-                if workload.goal is not None and ratio is not None:
-                    checks.append((target, workload, ratio, ratio >= workload.goal))
-        return checks
 
 
 def guest_script(workloads: Sequence[Workload], settings: BenchSettings) -> str:

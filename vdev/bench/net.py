@@ -299,7 +299,7 @@ PMD_WORKLOADS: list[PmdWorkload] = [
 ]
 
 PMD_TARGETS: list[Target] = [
-    Target("vdev-echo", "vdev echo backend", "pmd", vdev_echo, goals=True),
+    Target("vdev-echo", "vdev echo backend", "pmd", vdev_echo),
     Target("dpdk-vhost", "DPDK vhost-user + macswap", "pmd", dpdk_vhost, reference=True),
 ]
 

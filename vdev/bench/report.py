@@ -50,15 +50,6 @@ def table(result: BenchResult) -> str:
     lines = [*header, ""]
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-    goals = result.goals()
-    if goals:
-        lines.append("")
-    for target, workload, ratio, met in goals:
-        assert workload.goal is not None
-        lines.append(
-            f"goal: {target.title}, {workload.title}: {ratio:.0%} of the reference "
-            f"(target >= {workload.goal:.0%}): {'met' if met else 'MISSED'}"
-        )
     return "\n".join(lines)
 
 
@@ -89,19 +80,12 @@ def to_json(result: BenchResult) -> dict[str, Any]:
         },
         "seconds": result.seconds,
         "reference": reference.name if reference else None,
-        "targets": [
-            {"name": t.name, "title": t.title, "kind": t.kind, "goals": t.goals}
-            for t in result.targets
-        ],
+        "targets": [{"name": t.name, "title": t.title, "kind": t.kind} for t in result.targets],
         "workloads": [
-            {"name": w.name, "title": w.title, "kind": w.kind, "unit": w.unit, "goal": w.goal}
+            {"name": w.name, "title": w.title, "kind": w.kind, "unit": w.unit}
             for w in result.workloads
         ],
         "results": results,
-        "goals": [
-            {"target": t.name, "workload": w.name, "ratio": r, "goal": w.goal, "met": met}
-            for t, w, r, met in result.goals()
-        ],
     }
 
 
