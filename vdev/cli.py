@@ -265,7 +265,9 @@ def _build_parser() -> Parser:
         help="compare vdev with the C references on the same guest and workloads",
         description="Boot the same guest on each target in turn (vdev, qemu-storage-daemon's "
         "vhost-user-blk export, QEMU's built-in virtio-blk) and run the same fio workloads "
-        "in it; print medians over the repetitions and ratios to qemu-storage-daemon.",
+        "in it; print medians over the repetitions and ratios to qemu-storage-daemon. "
+        "Each run is reported on stderr as it starts, with the runs left and an estimate "
+        "of the time left (-q: not).",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -521,11 +523,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     }[args.kind]
     targets = _select(all_targets, args.targets, "--targets")
     workloads = _select(all_workloads, args.workloads, "--workloads")
+    progress = sys.stderr if args.quiet == 0 else None  # -q: no progress lines
     if args.kind == "pmd":
-        run = partial(net.run_pmd_bench, targets, workloads, settings)
+        run = partial(net.run_pmd_bench, targets, workloads, settings, progress)
     else:
         prepare = blk.prepare_image if args.kind == "blk" else net.no_image
-        run = partial(run_bench, targets, workloads, settings, prepare=prepare)
+        run = partial(run_bench, targets, workloads, settings, prepare=prepare, progress=progress)
     try:
         if args.png is not None:
             report.pyplot()  # fail now rather than after the runs

@@ -251,10 +251,18 @@ def test_bench_option_errors(
 )
 async def test_vdev_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "vdev.cli", "-q", "bench", "--quick", "--json", str(out)]
+    argv = [sys.executable, "-m", "vdev.cli", "bench", "--quick", "--json", str(out)]
     done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode == 0, done.stderr.decode()
     table = done.stdout.decode()
+    progress = [line for line in done.stderr.decode().splitlines() if "vdev bench: run" in line]
+    runs = len(blk.TARGETS)
+    assert [line.split(": ")[1] for line in progress] == [
+        f"run {i}/{runs}" for i in range(1, runs + 1)
+    ]
+    assert progress[0].endswith("time left unknown until a run ends")
+    assert all(line.endswith(" left") for line in progress[1:])
+    assert progress[-1].count("; the last run; ") == 1
     data = json.loads(out.read_text())
     names = [t["name"] for t in data["targets"]]
     assert names == [t.name for t in blk.TARGETS]
