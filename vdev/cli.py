@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
-from vdev import __version__, libvirt
+from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
 from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
@@ -438,6 +438,8 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     device_id = args.id or f"vdev-{args.type}0"
     mac = args.mac or default_mac(socket)
     if args.libvirt:
+        from vdev import libvirt
+
         try:
             xml = libvirt.domain_snippet(
                 args.type, socket, mib=mib, device_id=device_id, queues=args.queues, mac=mac

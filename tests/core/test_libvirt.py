@@ -21,16 +21,27 @@ DEVICE_TAGS = {"disk", "interface"}
 SNIPPETS = sorted(configs_dir().glob("*.xml"))
 
 
-@pytest.fixture(scope="module")
-def validator() -> str:
-    """virt-xml-validate with the xmllint it runs; missing in CI is a failure, not a skip."""
-    missing = [tool for tool in (VALIDATOR, "xmllint") if shutil.which(tool) is None]
+def required(*tools: str) -> None:
+    """Skip without `tools` (Debian libvirt-clients, libxml2-utils), fail in CI."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         reason = f"{', '.join(missing)} not installed (Debian libvirt-clients, libxml2-utils)"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def validator() -> str:
+    """virt-xml-validate with the xmllint it runs."""
+    required(VALIDATOR, "xmllint")
     return VALIDATOR
+
+
+@pytest.fixture(scope="module")
+def virsh() -> str:
+    required("virsh")
+    return "virsh"
 
 
 def complete_domain(element: ET.Element) -> ET.Element:
@@ -188,3 +199,42 @@ def test_qemu_args_libvirt_bad_options(
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert captured.out == ""
+
+
+def libvirt_reads_back(virsh: str, directory: Path, element: ET.Element) -> ET.Element:
+    """`element` (completed to a domain) as libvirt's own parser reads it back: defined
+    on libvirt's in-process test driver (no daemon), then dumped."""
+    domain = complete_domain(element)
+    path = directory / "domain.xml"
+    path.write_text(ET.tostring(domain, encoding="unicode"))
+    name = domain.findtext("name")
+    done = subprocess.run(
+        [virsh, "-q", "-c", "test:///default", f"define {path}; dumpxml {name}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return ET.fromstring(done.stdout[done.stdout.index("<domain") :])
+
+
+def test_libvirt_reads_the_example_domain(virsh: str, tmp_path: Path) -> None:
+    domain = libvirt_reads_back(
+        virsh, tmp_path, ET.parse(configs_dir() / "vdev-domain.xml").getroot()
+    )
+    assert attrs(domain, "memoryBacking/source") == {"type": "memfd"}
+    assert attrs(domain, "memoryBacking/access") == {"mode": "shared"}
+    assert attrs(domain, "devices/disk/source")["path"] == "/run/vdev/blk0.sock"
+    assert attrs(domain, "devices/interface/source")["mode"] == "client"
+    # (The test driver drops <qemu:override>: only libvirt's QEMU driver reads it.)
+
+
+def test_libvirt_reads_qemu_args_output(
+    virsh: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--socket", str(tmp_path / "n.sock"), "--queues", "4", "--mem", "768M"]
+    domain = libvirt_reads_back(virsh, tmp_path, qemu_args_xml(capsys, "net", *argv))
+    assert domain.findtext("memory") == str(768 * 1024)  # libvirt keeps KiB
+    nic = domain.find("devices/interface")
+    assert nic is not None and attrs(nic, "driver") == {"queues": "4"}
+    assert attrs(nic, "source")["path"] == str(tmp_path / "n.sock")
