@@ -221,7 +221,8 @@ def _build_parser() -> Parser:
         description="Print the QEMU options that give a guest shared memory (-m and its "
         "memory backend) and attach a vdev device on SOCKET (templates from qemu-configs/). "
         "Paste them into your QEMU command line, e.g. "
-        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ...",
+        "qemu-system-x86_64 $(vdev qemu-args blk --socket S --mem 2G) -kernel ... "
+        "With --libvirt, print the same as libvirt domain XML to merge into a domain.",
     )
     qemu.add_argument("type", choices=("blk", "net"), help="device type")
     qemu.add_argument("--socket", type=Path, required=True, help="vhost-user socket path")
@@ -233,6 +234,11 @@ def _build_parser() -> Parser:
         type=_mac,
         help="net: the guest's MAC (default: derived from the socket path); "
         "give `vdev run net` the same --mac",
+    )
+    qemu.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="print libvirt domain XML (memory, memoryBacking, the device) instead",
     )
     qemu.set_defaults(func=_cmd_qemu_args)
 
@@ -261,7 +267,9 @@ def _build_parser() -> Parser:
         help="compare vdev with the C references on the same guest and workloads",
         description="Boot the same guest on each target in turn (vdev, qemu-storage-daemon's "
         "vhost-user-blk export, QEMU's built-in virtio-blk) and run the same fio workloads "
-        "in it; print medians over the repetitions and ratios to qemu-storage-daemon.",
+        "in it; print medians over the repetitions and ratios to qemu-storage-daemon. "
+        "Each run is reported on stderr as it starts, with the runs left and an estimate "
+        "of the time left (-q: not).",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -436,9 +444,23 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         mib = mem_mib(args.mem)
     except ValueError as exc:
         raise ConfigError(f"--mem: {exc} (a whole number of MiB)") from None
-    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+    if args.mac is not None and args.type != "net":
+        raise ConfigError("--mac: only a net device has a MAC")
     socket = args.socket.resolve()
     device_id = args.id or f"vdev-{args.type}0"
+    mac = args.mac or default_mac(socket)
+    if args.libvirt:
+        from vdev import libvirt
+
+        try:
+            xml = libvirt.domain_snippet(
+                args.type, socket, mib=mib, device_id=device_id, queues=args.queues, mac=mac
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--id: {exc}") from None
+        print(libvirt.to_text(xml), end="")
+        return 0
+    mem = f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
     params: dict[str, Any] = {"socket": socket, "id": device_id, "queues": args.queues}
     if args.type == "net":
         params["mq"] = args.queues > 1
@@ -446,7 +468,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     argv += render_args(f"vdev-{args.type}", **params)
     if args.type == "net":
         nic = next(i for i, arg in enumerate(argv) if arg.startswith("virtio-net-pci,"))
-        argv[nic] += f",mac={args.mac or default_mac(socket)}"
+        argv[nic] += f",mac={mac}"
     print(shlex.join(argv))
     return 0
 
@@ -515,11 +537,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     }[args.kind]
     targets = _select(all_targets, args.targets, "--targets")
     workloads = _select(all_workloads, args.workloads, "--workloads")
+    progress = sys.stderr if args.quiet == 0 else None  # -q: no progress lines
     if args.kind == "pmd":
-        run = partial(net.run_pmd_bench, targets, workloads, settings)
+        run = partial(net.run_pmd_bench, targets, workloads, settings, progress)
     else:
         prepare = blk.prepare_image if args.kind == "blk" else net.no_image
-        run = partial(run_bench, targets, workloads, settings, prepare=prepare)
+        run = partial(run_bench, targets, workloads, settings, prepare=prepare, progress=progress)
     try:
         if args.png is not None:
             report.pyplot()  # fail now rather than after the runs

@@ -91,15 +91,15 @@ WORKLOADS: list[Workload] = [
         rw="randread", bs="4k", iodepth=1, latency=True,
     ),
     FioWorkload(
-        "randread-4k-qd32", "4 KiB random read, QD32", "blk", "IOPS", goal=0.5,
+        "randread-4k-qd32", "4 KiB random read, QD32", "blk", "IOPS",
         rw="randread", bs="4k", iodepth=32,
     ),
     FioWorkload(
-        "read-1m-qd8", "1 MiB sequential read, QD8", "blk", "MiB/s", goal=0.9,
+        "read-1m-qd8", "1 MiB sequential read, QD8", "blk", "MiB/s",
         rw="read", bs="1M", iodepth=8,
     ),
     FioWorkload(
-        "write-1m-qd8", "1 MiB sequential write, QD8", "blk", "MiB/s", goal=0.9,
+        "write-1m-qd8", "1 MiB sequential write, QD8", "blk", "MiB/s",
         rw="write", bs="1M", iodepth=8,
     ),
 ]  # fmt: skip
@@ -192,7 +192,7 @@ async def builtin(ctx: BenchContext) -> AsyncIterator[list[str]]:
 
 
 TARGETS: list[Target] = [
-    Target("vdev", "vdev, file backend, in-process", "blk", vdev_file(), goals=True),
+    Target("vdev", "vdev, file backend, in-process", "blk", vdev_file()),
     Target("qsd", "qemu-storage-daemon vhost-user-blk", "blk", qemu_storage_daemon, reference=True),
     Target("builtin", "QEMU built-in virtio-blk", "blk", builtin),
     Target(

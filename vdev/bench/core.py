@@ -23,9 +23,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
+from vdev.bench.progress import Progress
 from vdev.qemu import choose_accel
 from vdev.testing.guest import GuestImage, build_guest, run_guest
 
@@ -82,8 +84,6 @@ class Workload:
     kind: str
     #: Unit of the headline figure (`VALUE`), e.g. "IOPS" or "MiB/s".
     unit: str
-    #: The issue's target for vdev rows, as a fraction of the reference's figure.
-    goal: float | None = None
     #: Extra figures worth a line of their own in the table: (key, label) pairs.
     extras: tuple[tuple[str, str], ...] = ()
     #: Host programs the guest needs for this workload (see `build_guest`).
@@ -113,8 +113,6 @@ class Target:
     setup: Setup
     #: The row every other row is compared with.
     reference: bool = False
-    #: The workloads' goals apply to this row (vdev rows).
-    goals: bool = False
 
 
 @dataclass
@@ -151,18 +149,6 @@ class BenchResult:
             return None
         return ours / theirs
 
-    def goals(self) -> list[tuple[Target, Workload, float, bool]]:
-        """(target, workload, ratio, met) for every goal that applies."""
-        checks = []
-        for target in self.targets:
-            if not target.goals:
-                continue
-            for workload in self.workloads_of(target):
-                ratio = self.ratio(target.name, workload.name)
-                if workload.goal is not None and ratio is not None:
-                    checks.append((target, workload, ratio, ratio >= workload.goal))
-        return checks
-
 
 def guest_script(workloads: Sequence[Workload], settings: BenchSettings) -> str:
     """The workloads one after the other, each output between `BEGIN` and `END` lines."""
@@ -191,6 +177,40 @@ def rotation(targets: Sequence[Target], repetition: int) -> list[Target]:
     """The targets in the order repetition `repetition` runs them."""
     shift = repetition % len(targets) if targets else 0
     return [*targets[shift:], *targets[:shift]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One boot of a target (or one back-end start): the workloads measured in it."""
+
+    repetition: int
+    target: Target
+    workloads: list[Workload]
+
+
+def schedule(
+    targets: Sequence[Target], workloads: Sequence[Workload], repetitions: int
+) -> list[Run]:
+    """Every run of a benchmark in order: repetitions rotate the targets (see `rotation`);
+    a target with no workload of its kind has no run."""
+    runs = []
+    for repetition in range(repetitions):
+        for target in rotation(targets, repetition):
+            mine = [w for w in workloads if w.kind == target.kind]
+            if mine:
+                runs.append(Run(repetition, target, mine))
+    return runs
+
+
+def start_progress(runs: Sequence[Run], stream: TextIO | None) -> Progress:
+    """Progress of `runs` on `stream` (None: silent), time estimates kept per target."""
+    return Progress([run.target.name for run in runs], stream)
+
+
+def run_label(run: Run, settings: BenchSettings) -> str:
+    """What a progress line says is running."""
+    names = ", ".join(w.name for w in run.workloads)
+    return f"{run.target.title}: {names} (repetition {run.repetition + 1}/{settings.repetitions})"
 
 
 async def run_target(
@@ -232,11 +252,13 @@ async def run_bench(
     settings: BenchSettings,
     *,
     prepare: Callable[[Path, BenchSettings], tuple[Path, bool]],
+    progress: TextIO | None = None,
 ) -> BenchResult:
     """Run every target's workloads `settings.repetitions` times.
 
     `prepare(directory, settings)` creates the shared disk image in the run's private
-    directory and returns it, with whether O_DIRECT works there.
+    directory and returns it, with whether O_DIRECT works there. Each run is reported
+    on `progress` as it starts (see `Progress`).
     """
     if not targets:
         raise BenchError("no targets selected")
@@ -251,25 +273,17 @@ async def run_bench(
     with tempfile.TemporaryDirectory(prefix="vdev-bench-", dir=settings.workdir) as tmp:
         root = Path(tmp)
         disk, direct = await trio.to_thread.run_sync(prepare, root, settings)
-        for repetition in range(settings.repetitions):
-            for target in rotation(targets, repetition):
-                mine = result.workloads_of(target)
-                if not mine:
-                    continue
-                workdir = root / f"{target.name}-{repetition}"
-                workdir.mkdir()
-                context = BenchContext(workdir, settings, disk, direct)
-                log.info(
-                    "run %d/%d: %s (%s)",
-                    repetition + 1,
-                    settings.repetitions,
-                    target.title,
-                    ", ".join(w.name for w in mine),
-                )
-                figures = await run_target(target, mine, context, image, accel)
-                for name, values in figures.items():
-                    result.runs.setdefault((target.name, name), []).append(values)
-                    log.info("  %s: %s", name, _brief(values))
+        runs = schedule(targets, workloads, settings.repetitions)
+        reporter = start_progress(runs, progress)
+        for run in runs:
+            workdir = root / f"{run.target.name}-{run.repetition}"
+            workdir.mkdir()
+            context = BenchContext(workdir, settings, disk, direct)
+            with reporter.run(run_label(run, settings)):
+                figures = await run_target(run.target, run.workloads, context, image, accel)
+            for name, values in figures.items():
+                result.runs.setdefault((run.target.name, name), []).append(values)
+                log.info("%s, %s: %s", run.target.name, name, _brief(values))
     result.seconds = time.monotonic() - started
     return result
 

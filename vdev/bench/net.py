@@ -35,6 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import trio
 from pyroute2 import IPRoute
@@ -51,7 +52,9 @@ from vdev.bench.core import (
     Target,
     Workload,
     daemon,
-    rotation,
+    run_label,
+    schedule,
+    start_progress,
 )
 from vdev.qemu import render_args
 
@@ -299,7 +302,7 @@ PMD_WORKLOADS: list[PmdWorkload] = [
 ]
 
 PMD_TARGETS: list[Target] = [
-    Target("vdev-echo", "vdev echo backend", "pmd", vdev_echo, goals=True),
+    Target("vdev-echo", "vdev echo backend", "pmd", vdev_echo),
     Target("dpdk-vhost", "DPDK vhost-user + macswap", "pmd", dpdk_vhost, reference=True),
 ]
 
@@ -309,28 +312,37 @@ def _workdir(settings: BenchSettings) -> tempfile.TemporaryDirectory[str]:
 
 
 async def run_pmd_bench(
-    targets: Sequence[Target], workloads: Sequence[PmdWorkload], settings: BenchSettings
+    targets: Sequence[Target],
+    workloads: Sequence[PmdWorkload],
+    settings: BenchSettings,
+    progress: TextIO | None = None,
 ) -> BenchResult:
     """Every ``pmd`` workload against every ``pmd`` target, `settings.repetitions` times
-    (a fresh back-end per target and repetition, a fresh testpmd per workload)."""
+    (a fresh back-end per target and repetition, a fresh testpmd per workload); each run
+    is reported on `progress` as it starts."""
     result = BenchResult(settings, list(targets), list(workloads), accel="none")
     find_testpmd()
     started = time.monotonic()
     with _workdir(settings) as tmp:
         root = Path(tmp)
-        for repetition in range(settings.repetitions):
-            for target in rotation(targets, repetition):
-                mine = [w for w in workloads if w.kind == target.kind]
-                if not mine:
-                    continue
-                workdir = root / f"{target.name}-{repetition}"
-                workdir.mkdir()
-                log.info("run %d/%d: %s", repetition + 1, settings.repetitions, target.title)
+        runs = schedule(targets, workloads, settings.repetitions)
+        reporter = start_progress(runs, progress)
+        for run in runs:
+            target = run.target
+            workdir = root / f"{target.name}-{run.repetition}"
+            workdir.mkdir()
+            measured = []
+            with reporter.run(run_label(run, settings)):
                 async with target.setup(BenchContext(workdir, settings, workdir, False)) as args:
-                    for workload in mine:
+                    for workload in run.workloads:
+                        assert isinstance(workload, PmdWorkload)
                         figures = await workload.measure(Path(args[0]), settings)
-                        result.runs.setdefault((target.name, workload.name), []).append(figures)
-                        log.info("  %s: %.1f %s", workload.name, figures[VALUE], workload.unit)
+                        measured.append((workload, figures))
+            for workload, figures in measured:
+                result.runs.setdefault((target.name, workload.name), []).append(figures)
+                log.info(
+                    "%s, %s: %.1f %s", target.name, workload.name, figures[VALUE], workload.unit
+                )
     result.seconds = time.monotonic() - started
     return result
 

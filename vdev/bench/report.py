@@ -6,9 +6,12 @@ import json
 import logging
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdev.bench.core import VALUE, BenchError, BenchResult, Target, Workload
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,6 @@ def table(result: BenchResult) -> str:
     lines = [*header, ""]
     for row in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-    goals = result.goals()
-    if goals:
-        lines.append("")
-    for target, workload, ratio, met in goals:
-        assert workload.goal is not None
-        lines.append(
-            f"goal: {target.title}, {workload.title}: {ratio:.0%} of the reference "
-            f"(target >= {workload.goal:.0%}): {'met' if met else 'MISSED'}"
-        )
     return "\n".join(lines)
 
 
@@ -89,19 +83,12 @@ def to_json(result: BenchResult) -> dict[str, Any]:
         },
         "seconds": result.seconds,
         "reference": reference.name if reference else None,
-        "targets": [
-            {"name": t.name, "title": t.title, "kind": t.kind, "goals": t.goals}
-            for t in result.targets
-        ],
+        "targets": [{"name": t.name, "title": t.title, "kind": t.kind} for t in result.targets],
         "workloads": [
-            {"name": w.name, "title": w.title, "kind": w.kind, "unit": w.unit, "goal": w.goal}
+            {"name": w.name, "title": w.title, "kind": w.kind, "unit": w.unit}
             for w in result.workloads
         ],
         "results": results,
-        "goals": [
-            {"target": t.name, "workload": w.name, "ratio": r, "goal": w.goal, "met": met}
-            for t, w, r, met in result.goals()
-        ],
     }
 
 
@@ -121,38 +108,56 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def write_png(result: BenchResult, path: Path) -> None:
-    """One bar chart per workload: each target's median, whiskers from min to max."""
+def figure(result: BenchResult) -> Figure:
+    """The chart: one row of horizontal bars per workload, a bar per target.
+
+    Each bar is a target's median, whiskers from its min to max run, the ratio to the
+    reference at its end. Target names sit one per line on the vertical axis, so long
+    names never run into each other.
+    """
     plt = pyplot()
-    workloads = result.workloads
-    fig, axes = plt.subplots(1, len(workloads), figsize=(3.2 * len(workloads), 4.2), squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        targets = [t for t in result.targets if t.kind == workload.kind]
-        names, medians, low, high = [], [], [], []
+    rows = [[t for t in result.targets if t.kind == w.kind] for w in result.workloads]
+    heights = [0.6 + 0.3 * len(targets) for targets in rows]
+    fig, axes = plt.subplots(
+        len(rows),
+        1,
+        figsize=(7.0, sum(heights) + 0.8),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for ax, workload, targets in zip(axes[:, 0], result.workloads, rows, strict=True):
+        medians, low, high = [], [], []
         for t in targets:
             values = [r[VALUE] for r in result.runs.get((t.name, workload.name), [])]
             median = result.median(t.name, workload.name) or 0.0
-            names.append(t.name)
             medians.append(median)
             low.append(median - min(values, default=median))
             high.append(max(values, default=median) - median)
-        bars = ax.bar(names, medians, yerr=[low, high], capsize=4, color="#4c72b0")
-        for bar, t in zip(bars, targets, strict=True):
-            if t.reference:
-                bar.set_color("#999999")
+        places = list(range(len(targets)))
+        colors = ["#999999" if t.reference else "#4c72b0" for t in targets]
+        ax.barh(places, medians, xerr=[low, high], capsize=3, color=colors, height=0.6)
+        ax.set_yticks(places, [t.name for t in targets], fontsize=8)
+        ax.invert_yaxis()  # the first target on top
+        ends = [m + h for m, h in zip(medians, high, strict=True)]
+        right = max(ends, default=0.0) or 1.0
+        for place, t, end in zip(places, targets, ends, strict=True):
             ratio = result.ratio(t.name, workload.name)
             if ratio is not None:
-                ax.annotate(
-                    f"{ratio:.2f}x",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
-        ax.set_title(workload.title, fontsize=9)
-        ax.set_ylabel(workload.unit)
+                ax.text(end + right * 0.02, place, f"{ratio:.2f}x", va="center", fontsize=8)
+        ax.set_xlim(0, right * 1.18)  # room for the ratios
+        ax.set_title(f"{workload.title} ({workload.unit})", fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"vdev bench (median of {result.settings.repetitions}; ratio to reference)")
+    fig.suptitle(
+        f"vdev bench: median of {result.settings.repetitions}, ratio to the reference",
+        fontsize=10,
+    )
     fig.tight_layout()
+    return fig
+
+
+def write_png(result: BenchResult, path: Path) -> None:
+    """`figure` as a PNG file."""
+    plt = pyplot()
+    fig = figure(result)
     fig.savefig(path, dpi=120)
     plt.close(fig)
