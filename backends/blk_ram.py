@@ -22,9 +22,8 @@ def _anonymous_map(size: int) -> mmap.mmap:
         raise BackendError(f"size: cannot map {size} bytes of memory ({exc})") from None
 
 
-def _check_end(end: int, view: memoryview) -> None:
-    if end > view.nbytes:
-        raise OSError(errno.EIO, "past the end of the disk")
+def _past_the_end() -> OSError:
+    return OSError(errno.EIO, "past the end of the disk (resized meanwhile)")
 
 
 class RamBackend(BlockBackend):
@@ -46,18 +45,22 @@ class RamBackend(BlockBackend):
 
     def read(self, offset: int, buffers: Sequence[memoryview]) -> None:
         view = self._view
+        limit = view.nbytes
         for buf in buffers:
             end = offset + buf.nbytes
-            _check_end(end, view)
+            if end > limit:
+                raise _past_the_end()
             buf[:] = view[offset:end]
             offset = end
 
     def write(self, offset: int, buffers: Sequence[memoryview]) -> None:
         with self._lock:
             view = self._view
+            limit = view.nbytes
             for buf in buffers:
                 end = offset + buf.nbytes
-                _check_end(end, view)
+                if end > limit:
+                    raise _past_the_end()
                 view[offset:end] = buf
                 offset = end
 
@@ -86,7 +89,8 @@ class RamBackend(BlockBackend):
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
         with self._lock:
             view = self._view
-            _check_end(end, view)
+            if end > view.nbytes:
+                raise _past_the_end()
             if first >= last:
                 fill_zeros([view[offset:end]])
                 return

@@ -511,6 +511,8 @@ class DeviceServer:
         self.errors = ErrorLog(str(self.path))
         #: The session of the front-end connected now, if any.
         self.session: Session | None = None
+        #: One live change (resize, link) at a time.
+        self._changing = trio.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve front-ends forever (until cancelled)."""
@@ -627,8 +629,9 @@ class DeviceServer:
         resize = getattr(self.device, "resize", None)
         if resize is None:
             raise ValueError(f"{self.path}: a {type(self.device).__name__} cannot be resized")
-        await trio.to_thread.run_sync(resize, size)
-        return await self.config_changed()
+        async with self._changing:
+            await trio.to_thread.run_sync(resize, size)
+            return await self.config_changed()
 
     async def set_link(self, up: bool) -> bool:
         """Set the NIC's link up or down and tell the front-end (see `config_changed`).
@@ -645,8 +648,9 @@ class DeviceServer:
                 f"{self.path}: the front-end keeps this NIC's link state itself (QEMU: QMP "
                 "set_link); it is only settable with the NIC's config_space option"
             )
-        set_link(up)
-        return await self.config_changed()
+        async with self._changing:
+            set_link(up)
+            return await self.config_changed()
 
     async def _bind(self) -> trio.socket.SocketType:
         await self._remove_stale_socket()
