@@ -107,11 +107,12 @@ class FrontendQueue:
 class Frontend:
     """A vhost-user front-end session over a connected Unix socket.
 
-    When BACKEND_REQ is negotiated it hands the device a back-end channel (a
-    socketpair, SET_BACKEND_REQ_FD) and a task in `nursery` collects the device's
-    requests in `backend_requests`, first awaiting `on_backend_request` (QEMU reads
-    the config there), then answering those that ask with `backend_answer`: a result
-    (0 for success), raw bytes to send instead, or None for no answer at all.
+    With a `nursery` (`connect` gives one) it negotiates BACKEND_REQ, hands the device
+    a back-end channel (a socketpair, SET_BACKEND_REQ_FD), and a task there collects
+    the device's requests in `backend_requests`, first awaiting `on_backend_request`
+    (QEMU reads the config there), then answering those that ask with
+    `backend_answer`: a result (0 for success), raw bytes to send instead, or None for
+    no answer at all.
     """
 
     def __init__(
@@ -203,6 +204,8 @@ class Frontend:
             msg = await self.send(Request.GET_PROTOCOL_FEATURES)
             assert msg is not None and isinstance(msg.payload, int)
             self.protocol_features = msg.payload
+            if self.nursery is None:  # nothing could serve a back-end channel
+                self.protocol_features &= ~ProtocolFeature.BACKEND_REQ
             await self.send(Request.SET_PROTOCOL_FEATURES, self.protocol_features)
             if self.protocol_features & ProtocolFeature.BACKEND_REQ:
                 await self.open_backend_channel()
