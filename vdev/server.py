@@ -424,14 +424,16 @@ class Session:
                 BackendRequest.CONFIG_CHANGE_MSG, need_reply=self.conn.reply_ack, timeout=timeout
             )
         except trio.TooSlowError:
-            reason = f"no acknowledgement in {timeout:g}s"
-        except (OSError, trio.ClosedResourceError, RemoteProtocolError) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = f"back-end channel: no acknowledgement in {timeout:g}s"
+        except RemoteProtocolError as exc:
+            reason = str(exc)
+        except (OSError, trio.ClosedResourceError) as exc:
+            reason = f"back-end channel: {exc or type(exc).__name__}"
         else:
             if not ok:
                 self.errors.error("%s: the front-end failed CONFIG_CHANGE_MSG", self.name)
             return ok
-        self.errors.error("%s: back-end channel: %s; channel closed", self.name, reason)
+        self.errors.error("%s: %s; channel closed", self.name, reason)
         if self.backend_link is link:
             self._drop_backend_link()
         return False
@@ -595,16 +597,16 @@ class DeviceServer:
     ) -> None:
         self.sessions += 1
         with sock:
-            session = Session(self.device, sock, str(self.path), self.errors, self.poll_max)
-            self.session = session
             try:
-                await session.run()
+                self.session = Session(
+                    self.device, sock, str(self.path), self.errors, self.poll_max
+                )
+                await self.session.run()
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)
             finally:
-                if self.session is session:
-                    self.session = None
+                self.session = None  # the next session starts only after this
                 if done is not None:
                     done.set()
         log.info("%s: device reset; waiting for the next front-end", self.path)
