@@ -131,6 +131,8 @@ class FileBackend(BlockBackend):
         self._io(os.preadv, offset, buffers)
 
     def write(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if offset + sum(buf.nbytes for buf in buffers) > self.size:  # shrunk meanwhile
+            raise OSError(errno.EIO, "write past the end of the disk")
         self._io(os.pwritev, offset, buffers)
 
     def _io(self, op: Transfer, offset: int, buffers: Sequence[memoryview]) -> None:
@@ -179,6 +181,18 @@ class FileBackend(BlockBackend):
             self._unsupported.add(mode)
             return False
         raise OSError(err, f"fallocate: {os.strerror(err)}")
+
+    def resize(self, size: int) -> None:
+        """Truncate or extend the image file (extended, it reads as zeros)."""
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            raise BackendError(f"path: {self.path} is not a regular file; resize it on the host")
+        old, self.size = self.size, min(self.size, size)  # shrinking: writes stop first
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            self.size = old
+            raise
+        self.size = size
 
     def close(self) -> None:
         for fd in (self._fd, self._direct_fd):

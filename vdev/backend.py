@@ -95,7 +95,8 @@ def block_size_option(value: int | str, size: int) -> int:
 class BlockBackend:
     """A block device's storage: `size` bytes addressed by byte offset.
 
-    Required: `size`, `read`, `write`. Everything else has a default.
+    Required: `size`, `read`, `write`. Everything else has a default (`resize`: none,
+    the disk keeps its size).
     Methods are called on the queue's worker thread (never on the event loop), one
     request at a time, or from up to `max_concurrency` I/O threads at once for requests
     larger than `inline_bytes`; raise `OSError` for an I/O error (the guest sees
@@ -137,6 +138,17 @@ class BlockBackend:
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make `length` bytes at `offset` read as zeros; `unmap` allows deallocating."""
         raise NotImplementedError
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the storage to `size` bytes (whole blocks, already checked)
+        and update `size`; raise BackendError or OSError if it cannot be. Called from a
+        thread of its own while requests run: one past the new end must fail (OSError).
+        """
+        raise NotImplementedError
+
+    @property
+    def supports_resize(self) -> bool:
+        return type(self).resize is not BlockBackend.resize
 
     @property
     def supports_discard(self) -> bool:

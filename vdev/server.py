@@ -23,10 +23,12 @@ from pathlib import Path
 import trio
 
 from vdev.devices.base import Device, DeviceError
-from vdev.fdpass import recv_message, send_with_fds
+from vdev.fdpass import recv_message, recv_with_fds, send_with_fds
 from vdev.protocol import (
     F_PROTOCOL_FEATURES,
+    BackendChannel,
     BackendConnection,
+    BackendRequest,
     DeviceConfig,
     InflightDescription,
     MemoryRegionUpdate,
@@ -48,7 +50,8 @@ from vdev.worker import POLL_MAX, QueueWorkers
 log = logging.getLogger(__name__)
 
 #: Protocol features every vdev device offers; devices add their own (RARP, ...), and
-#: CONFIG when the front-end reads their config space (`Device.config_space`).
+#: CONFIG and BACKEND_REQ (to signal config changes) when the front-end reads their
+#: config space (`Device.config_space`).
 BASE_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.REPLY_ACK
@@ -66,11 +69,13 @@ ACCEPT_RETRY_DELAY = 0.1
 #: At most ERROR_BURST error lines per ERROR_WINDOW seconds from one device's sessions.
 ERROR_BURST = 10
 ERROR_WINDOW = 1.0
+#: How long the front-end has to acknowledge a config change (with REPLY_ACK).
+CONFIG_CHANGE_TIMEOUT = 5.0
 
 
 def protocol_features(device: Device) -> int:
     """The vhost-user protocol features offered for `device`."""
-    config = ProtocolFeature.CONFIG if device.config_space else 0
+    config = ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ if device.config_space else 0
     return BASE_PROTOCOL_FEATURES | config | device.protocol_features
 
 
@@ -120,6 +125,45 @@ class WithFds:
     fds: tuple[int, ...]
 
 
+class BackendLink:
+    """The back-end channel of a session: the socket from SET_BACKEND_REQ_FD, driven
+    through a sans-I/O `BackendChannel`, one request at a time."""
+
+    def __init__(self, fd: int) -> None:
+        try:
+            raw = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise DeviceError(f"SET_BACKEND_REQ_FD: the fd is not a socket ({exc})") from None
+        if raw.family != socket.AF_UNIX or raw.type != socket.SOCK_STREAM:
+            raw.close()
+            raise DeviceError("SET_BACKEND_REQ_FD: the fd is not a Unix stream socket")
+        self.sock = trio.socket.from_stdlib_socket(raw)
+        self.channel = BackendChannel()
+        self._lock = trio.Lock()
+
+    async def request(self, request: BackendRequest, *, need_reply: bool, timeout: float) -> bool:
+        """Send `request`; with `need_reply`, wait up to `timeout` seconds for the
+        front-end's answer and return whether it succeeded. Raises OSError (channel
+        closed), trio.ClosedResourceError (closed here meanwhile), RemoteProtocolError
+        (a garbled reply) or trio.TooSlowError: the link is then unusable."""
+        async with self._lock:
+            await send_with_fds(self.sock, self.channel.send(request, need_reply=need_reply))
+            if not need_reply:
+                return True
+            with trio.fail_after(timeout):
+                while (reply := self.channel.next_reply()) is None:
+                    data, fds, _ = await recv_with_fds(self.sock)
+                    if not data:
+                        raise ConnectionResetError("the front-end closed the back-end channel")
+                    self.channel.receive_data(data, fds)
+            return reply.ok
+
+    def close(self) -> None:
+        self.sock.close()
+        self.channel.close()
+
+
 class Session:
     """One front-end connection to one device."""
 
@@ -149,6 +193,8 @@ class Session:
         self._workers: QueueWorkers | None = None
         #: The INFLIGHT_SHMFD buffer the front-end asked for or handed back, if any.
         self.inflight: InflightBuffer | None = None
+        #: The back-end channel, once the front-end sent SET_BACKEND_REQ_FD.
+        self.backend_link: BackendLink | None = None
 
     async def run(self) -> None:
         """Serve the front-end until it disconnects or breaks the protocol."""
@@ -167,6 +213,7 @@ class Session:
                     nursery.cancel_scope.cancel()
         finally:
             self.conn.close()
+            self._drop_backend_link()
             for vring in self.vrings:
                 vring.close()
             self._set_inflight(None)
@@ -397,6 +444,50 @@ class Session:
             self.inflight.close()
         self.inflight = buffer
 
+    async def _on_set_backend_req_fd(self, msg: Message) -> None:
+        link = BackendLink(msg.fds[0])
+        if self.backend_link is not None:
+            log.info("%s: the front-end replaced the back-end channel", self.name)
+        self._drop_backend_link()
+        self.backend_link = link
+
+    # --- the back-end channel --------------------------------------------------------
+
+    async def config_changed(self, timeout: float = CONFIG_CHANGE_TIMEOUT) -> bool:
+        """Send CONFIG_CHANGE_MSG (waiting for the ack with REPLY_ACK); whether the
+        front-end took it. A front-end that cannot be told is logged, and the channel of
+        one that broke it is closed; the session goes on either way."""
+        link = self.backend_link
+        if not self.conn.acked_protocol_features & ProtocolFeature.CONFIG:
+            log.warning("%s: config changed; the front-end does not read it (no CONFIG)", self.name)
+            return False
+        if link is None:
+            log.warning("%s: config changed; the front-end set up no back-end channel", self.name)
+            return False
+        try:
+            ok = await link.request(
+                BackendRequest.CONFIG_CHANGE_MSG, need_reply=self.conn.reply_ack, timeout=timeout
+            )
+        except trio.TooSlowError:
+            reason = f"back-end channel: no acknowledgement in {timeout:g}s"
+        except RemoteProtocolError as exc:
+            reason = str(exc)
+        except (OSError, trio.ClosedResourceError) as exc:
+            reason = f"back-end channel: {exc or type(exc).__name__}"
+        else:
+            if not ok:
+                self.errors.error("%s: the front-end failed CONFIG_CHANGE_MSG", self.name)
+            return ok
+        self.errors.error("%s: %s; channel closed", self.name, reason)
+        if self.backend_link is link:
+            self._drop_backend_link()
+        return False
+
+    def _drop_backend_link(self) -> None:
+        if self.backend_link is not None:
+            self.backend_link.close()
+            self.backend_link = None
+
     # --- helpers ---------------------------------------------------------------------
 
     def _vring(self, payload: object) -> Vring:
@@ -480,6 +571,10 @@ class DeviceServer:
         self.mode = mode
         self.sessions = 0
         self.errors = ErrorLog(str(self.path))
+        #: The session of the front-end connected now, if any.
+        self.session: Session | None = None
+        #: One live change (resize, link) at a time.
+        self._changing = trio.Lock()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve front-ends forever (until cancelled)."""
@@ -563,15 +658,61 @@ class DeviceServer:
         self.sessions += 1
         with sock:
             try:
-                session = Session(self.device, sock, str(self.path), self.errors, self.poll_max)
-                await session.run()
+                self.session = Session(
+                    self.device, sock, str(self.path), self.errors, self.poll_max
+                )
+                await self.session.run()
             except Exception:
                 # A bug of ours must cost this session only, never the daemon.
                 log.exception("%s: internal error; session dropped", self.path)
             finally:
+                self.session = None  # the next session starts only after this
                 if done is not None:
                     done.set()
         log.info("%s: device reset; waiting for the next front-end", self.path)
+
+    # --- live changes (the control socket calls these) -------------------------------
+
+    async def config_changed(self, timeout: float = CONFIG_CHANGE_TIMEOUT) -> bool:
+        """Tell the front-end that the device's config space changed; whether it took
+        the news (False, logged, when no front-end is connected or it cannot be told)."""
+        session = self.session
+        if session is None:
+            log.info("%s: config changed; no front-end is connected", self.path)
+            return False
+        return await session.config_changed(timeout)
+
+    async def resize(self, size: int) -> bool:
+        """Give the disk `size` bytes and tell the front-end (see `config_changed`).
+
+        ValueError, with a one-line reason, if the device or its backend cannot be
+        resized or `size` is not a valid size for it.
+        """
+        resize = getattr(self.device, "resize", None)
+        if resize is None:
+            raise ValueError(f"{self.path}: a {type(self.device).__name__} cannot be resized")
+        async with self._changing:
+            await trio.to_thread.run_sync(resize, size)
+            return await self.config_changed()
+
+    async def set_link(self, up: bool) -> bool:
+        """Set the NIC's link up or down and tell the front-end (see `config_changed`).
+
+        ValueError if the device has no link, or its front-end does not read the config
+        space over vhost-user (QEMU takes a vhost-user NIC's link state from its own
+        netdev instead: QMP `set_link`).
+        """
+        set_link = getattr(self.device, "set_link", None)
+        if set_link is None:
+            raise ValueError(f"{self.path}: a {type(self.device).__name__} has no link")
+        if not self.device.config_space:
+            raise ValueError(
+                f"{self.path}: the front-end keeps this NIC's link state itself (QEMU: QMP "
+                "set_link); it is only settable with the NIC's config_space option"
+            )
+        async with self._changing:
+            set_link(up)
+            return await self.config_changed()
 
     async def _bind(self) -> trio.socket.SocketType:
         await self._remove_stale_socket()

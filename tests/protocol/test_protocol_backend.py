@@ -62,6 +62,7 @@ EVENTS: list[tuple[Request, object, int, object, object]] = [
     (Request.RESET_DEVICE, None, 0, None, None),
     (Request.ADD_MEM_REG, MemoryRegionUpdate(REGION), 1, None, None),
     (Request.REM_MEM_REG, MemoryRegionUpdate(REGION), 0, None, None),
+    (Request.SET_BACKEND_REQ_FD, None, 1, None, None),
     (Request.SET_STATUS, 0x0F, 0, None, None),
     (Request.GET_STATUS, None, 0, 0x0F, 0x0F),
 ]
@@ -256,7 +257,9 @@ INVALID: list[tuple[int, bytes, int, str]] = [
     (Request.SET_LOG_BASE, b"\0" * 16, 1, "request is not supported"),
     (Request.SET_LOG_FD, b"", 1, "request is not supported"),
     (Request.IOTLB_MSG, b"\0" * 32, 0, "request is not supported"),
-    (Request.SET_BACKEND_REQ_FD, b"", 1, "request is not supported"),
+    (Request.SET_BACKEND_REQ_FD, b"", 0, "0 fds, expected exactly one fd"),
+    (Request.SET_BACKEND_REQ_FD, b"", 2, "2 fds, expected exactly one fd"),
+    (Request.SET_BACKEND_REQ_FD, u64(0), 1, "payload is 8 bytes, expected 0"),
     (Request.SET_VRING_ENDIAN, state(0, 0), 0, "request is not supported"),
     (Request.VRING_KICK, state(0, 0), 0, "request is not supported"),
     (0, b"", 0, "unknown request 0"),
@@ -335,6 +338,18 @@ def test_requests_before_set_owner_are_out_of_order(ledger: FdLedger) -> None:
     assert s.send(Request.SET_VRING_NUM, VringState(0, 256)) is not None
 
 
+def test_backend_req_fd_is_taken_before_set_owner(ledger: FdLedger) -> None:
+    # QEMU sets up the back-end channel during negotiation, before SET_OWNER.
+    s = Session(ledger)
+    features = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.BACKEND_REQ)
+    assert s.send(Request.SET_PROTOCOL_FEATURES, features) is None
+    [fd] = ledger.new()
+    event = s.send(Request.SET_BACKEND_REQ_FD, None, [fd], need_reply=True)
+    assert event is not None and event.fds == (fd,)
+    s.backend.complete(event)
+    assert [(r.request, r.payload) for r in s.replies()] == [(Request.SET_BACKEND_REQ_FD, 0)]
+
+
 @pytest.mark.parametrize(
     ("offered", "negotiated", "request_", "payload", "text"),
     [
@@ -344,6 +359,10 @@ def test_requests_before_set_owner_are_out_of_order(ledger: FdLedger) -> None:
          "protocol feature CONFIGURE_MEM_SLOTS was not negotiated"),
         (SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature.REPLY_ACK, Request.SET_STATUS, 1,
          "protocol feature STATUS was not negotiated"),
+        (SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature.REPLY_ACK, Request.SET_BACKEND_REQ_FD,
+         None, "protocol feature BACKEND_REQ was not negotiated"),
+        (ProtocolFeature.REPLY_ACK, ProtocolFeature.REPLY_ACK, Request.SET_BACKEND_REQ_FD,
+         None, "protocol feature BACKEND_REQ is not offered"),
         (ProtocolFeature.REPLY_ACK, ProtocolFeature.REPLY_ACK, Request.SEND_RARP, MAC,
          "protocol feature RARP is not offered"),
         (ProtocolFeature.REPLY_ACK, ProtocolFeature.REPLY_ACK, Request.NET_SET_MTU, 1500,
@@ -367,6 +386,8 @@ def test_feature_gates(
     fds = []
     if request_ is Request.ADD_MEM_REG:
         payload, fds = MemoryRegionUpdate(REGION), ledger.new()
+    elif request_ is Request.SET_BACKEND_REQ_FD:
+        fds = ledger.new()
     with pytest.raises(RemoteProtocolError, match=f"{request_.name}: {text}"):
         s.send(request_, payload, fds, need_reply=True)
     assert ledger.open == set()

@@ -92,8 +92,7 @@ class Device:
     def config_space(self) -> bool:
         """Whether the front-end reads the config space over vhost-user (protocol
         feature CONFIG): by default when the device has one (overrides `config`). QEMU
-        does for blk; for net it does not and warns when CONFIG is offered, so
-        NetDevice says False."""
+        does for blk; for net it does not, so NetDevice says False unless told."""
         return type(self).config is not Device.config
 
     def write_config(self, offset: int, data: bytes) -> None:

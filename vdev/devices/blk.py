@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from enum import IntFlag
 
-from vdev.backend import BlockBackend, int_option
+from vdev.backend import BackendError, BlockBackend, int_option
 from vdev.devices.aio import default_executor
 from vdev.devices.base import Device, DeviceError, Queue
 from vdev.devices.blk_requests import (
@@ -213,6 +213,30 @@ class BlkDevice(Device):
             raise DeviceError(f"writeback: invalid cache mode {data[0]}")
         self.writeback = bool(data[0])
         log.info("cache mode: %s", "writeback" if self.writeback else "writethrough")
+
+    def resize(self, size: int) -> None:
+        """Give the disk `size` bytes: the capacity the config space shows and requests
+        are bounded by (the caller tells the front-end: `DeviceServer.resize`). A
+        shrunk disk fails requests past its new end (IOERR). ValueError, one line, for
+        a size or a backend that will not do."""
+        backend = self.backend
+        block = backend.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % block:
+            raise ValueError(f"size: {size!r} is not a positive number of {block}-byte blocks")
+        if backend.read_only:
+            raise ValueError("a read-only disk cannot be resized")
+        if not backend.supports_resize:
+            raise ValueError(f"the {type(backend).__name__} backend cannot be resized")
+        sectors = size // SECTOR_SIZE
+        # Shrinking: new requests past the end are refused before the storage goes.
+        self.capacity = min(self.capacity, sectors)
+        try:
+            backend.resize(size)
+        except (OSError, BackendError) as exc:
+            raise ValueError(f"resize to {size} bytes failed: {exc}") from None
+        finally:
+            self.capacity = backend.size // SECTOR_SIZE
+        log.info("resized to %d bytes", size)
 
     def set_features(self, features: int) -> None:
         super().set_features(features)

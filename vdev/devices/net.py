@@ -194,8 +194,6 @@ class NetDevice(Device):
     """A virtio-net device whose frames come from and go to a NetBackend."""
 
     device_id: ClassVar[int] = 1
-    #: QEMU reads a vhost-user NIC's config itself and warns when CONFIG is offered.
-    config_space = False  # type: ignore[assignment]
     protocol_features: ClassVar[int] = ProtocolFeature.RARP | ProtocolFeature.NET_MTU
 
     def __init__(
@@ -208,6 +206,7 @@ class NetDevice(Device):
         max_queue_size: int | str = 1024,
         rx_backlog: int | str = 256,
         mrg_rxbuf: bool | str = True,
+        config_space: bool | str = False,
     ) -> None:
         pairs = int_option("queues", queues, 1, 0x8000)
         super().__init__(
@@ -223,6 +222,9 @@ class NetDevice(Device):
         self.mtu = None if mtu is None else int_option("mtu", mtu, MIN_MTU, 0xFFFF)
         self.rx_backlog = int_option("rx_backlog", rx_backlog, 1, 1 << 20)
         self.mrg_rxbuf = bool_option("mrg_rxbuf", mrg_rxbuf)
+        self._config_space = bool_option("config_space", config_space)
+        #: The `status` field's link bit (VIRTIO_NET_F_STATUS), set with `set_link`.
+        self.link_up = True
         self._rx = [_RxQueue(pair) for pair in range(pairs)]
         self._tx = [_Counters() for _ in range(pairs)]
         #: Running receive queues (replaced whole, so other threads read a snapshot),
@@ -253,10 +255,24 @@ class NetDevice(Device):
             offered |= consistent_offloads(self.backend.offload_features & OFFLOAD_FEATURES)
         return int(offered)
 
+    @property
+    def config_space(self) -> bool:
+        """Off by default: QEMU keeps a vhost-user NIC's config itself (MAC from its
+        -device, link state from its netdev) and never acks CONFIG (7.2; later versions
+        also warn). The `config_space` option offers CONFIG and BACKEND_REQ to
+        front-ends that read it over vhost-user (and so see `set_link`)."""
+        return self._config_space
+
     def config(self) -> bytes:
-        return NET_CONFIG.pack(
-            self.mac or bytes(6), NetStatus.LINK_UP, self.num_queue_pairs, self.mtu or 0
-        )
+        status = NetStatus.LINK_UP if self.link_up else 0
+        return NET_CONFIG.pack(self.mac or bytes(6), status, self.num_queue_pairs, self.mtu or 0)
+
+    def set_link(self, up: bool) -> None:
+        """Report the link up or down in the config space's `status` (the caller tells
+        the front-end: `DeviceServer.set_link`)."""
+        if up != self.link_up:
+            log.info("link %s", "up" if up else "down")
+        self.link_up = up
 
     def set_features(self, features: int) -> None:
         super().set_features(features)

@@ -278,6 +278,7 @@ class BlockProxy(BlockBackend):
         self.physical_block_size = attribute(attrs, "physical_block_size", int, 0)
         self._discard = attribute(attrs, "supports_discard", bool, False)
         self._write_zeroes = attribute(attrs, "supports_write_zeroes", bool, False)
+        self._resize = attribute(attrs, "supports_resize", bool, False)
         sync_ring, *lanes = host.channel.rings
         self._sync = DomainExecutor(host, sync_ring, threading.Lock())
         self._lanes = [(ring, threading.Lock()) for ring in lanes]
@@ -289,6 +290,10 @@ class BlockProxy(BlockBackend):
     @property
     def supports_write_zeroes(self) -> bool:
         return self._write_zeroes
+
+    @property
+    def supports_resize(self) -> bool:
+        return self._resize
 
     def executor(self, queue_index: int) -> DomainExecutor:
         """The executor of a device queue: its own lane while lanes last."""
@@ -312,6 +317,11 @@ class BlockProxy(BlockBackend):
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         zeroes = BlkRequest(RequestType.WRITE_ZEROES, ranges=(Range(offset, length, unmap),))
         self._call(zeroes)
+
+    def resize(self, size: int) -> None:
+        """The child resizes its backend (and every later child starts at that size)."""
+        self.host.resize(size)
+        self.size = size
 
     def _call(self, request: BlkRequest) -> None:
         self._sync.run([request])

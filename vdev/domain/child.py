@@ -78,6 +78,7 @@ BLK_ATTRIBUTES = (
     "physical_block_size",
     "supports_discard",
     "supports_write_zeroes",
+    "supports_resize",
     "max_concurrency",
 )
 NET_ATTRIBUTES = ("vnet_hdr", "offload_features")
@@ -428,9 +429,15 @@ class Domain:
             _Ring(self.channel, i, layout, [os.dup(fd) for fd in ring_fds[2 * i : 2 * i + 2]])
             for i, layout in enumerate(layouts)
         ]
-        features = message.get("state", {}).get("features")
+        state = message.get("state", {})
+        features = state.get("features")
         if features is not None and isinstance(self.backend, NetBackend):
             self.backend.set_features(int(features))
+        size = state.get("size")
+        if size is not None and size != getattr(self.backend, "size", size):
+            answer = self.resize(size)
+            if answer["op"] != "ok":
+                raise ValueError(f"cannot restore the disk size {size}: {answer['message']}")
 
     def set_memory(self, regions: Sequence[Sequence[int]], fds: Sequence[int]) -> None:
         """Replace the guest regions (policy map) with those of the core's table; a
@@ -460,6 +467,8 @@ class Domain:
                     control.send(self.sock, {"op": "pong"})
                 case "memory":
                     control.send(self.sock, self.map_memory(message, fds))
+                case "resize":
+                    control.send(self.sock, self.resize(message.get("size")))
                 case op:
                     log.error("unknown control message %r", op)
             return True
@@ -468,6 +477,19 @@ class Domain:
             return False
         finally:
             control.close_fds(fds)
+
+    def resize(self, size: object) -> dict[str, Any]:
+        """Resize the block backend (a `resize` message); the answer."""
+        backend = self.backend
+        if not (isinstance(backend, BlockBackend) and backend.supports_resize):
+            return {"op": "error", "message": f"a {type(backend).__name__} cannot be resized"}
+        if not isinstance(size, int):
+            return {"op": "error", "message": f"bad size {size!r}"}
+        try:
+            backend.resize(size)
+        except (OSError, BackendError) as exc:
+            return {"op": "error", "message": str(exc)}
+        return {"op": "ok"}
 
     def map_memory(self, message: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
         """Map the table of a `memory` message; the answer (the child serves on, with

@@ -21,6 +21,7 @@ works the same under `vdev run`, in tests, and while no request is in flight.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -244,6 +245,21 @@ class DomainHost:
                 except control.ControlError as exc:
                     log.error("%s: memory update failed (%s); restarting it", self.label, exc)
                     child.kill()
+
+    def resize(self, size: int) -> None:
+        """Have the child's backend resize to `size` bytes (every later child too);
+        OSError if it cannot."""
+        with self._lock:
+            child = self._child
+            if child is None:
+                raise OSError(errno.EAGAIN, "the driver domain is restarting; try again")
+            try:
+                reply = self._request(child, {"op": "resize", "size": size})
+            except control.ControlError as exc:
+                raise OSError(errno.EIO, f"the driver domain did not answer: {exc}") from None
+            if reply.get("op") != "ok":
+                raise OSError(errno.EIO, f"the driver domain: {reply.get('message')}")
+            self.state["size"] = size
 
     def set_state(self, key: str, value: object) -> None:
         """Remember something every future child must be told when it starts."""

@@ -1,5 +1,6 @@
 """The vhost-user protocol, sans-I/O: bytes and fds in, events out; results in, bytes out."""
 
+from .backend_channel import BackendChannel, BackendMessage, BackendReply, FrontendChannel
 from .connection import FAILURE_ACK, BackendConnection, FrontendConnection, Message
 from .constants import (
     F_PROTOCOL_FEATURES,
@@ -34,10 +35,14 @@ __all__ = [
     "VIRTIO_F_RING_PACKED",
     "VRING_IDX_MASK",
     "VRING_NOFD_MASK",
+    "BackendChannel",
     "BackendConnection",
+    "BackendMessage",
+    "BackendReply",
     "BackendRequest",
     "ConfigType",
     "DeviceConfig",
+    "FrontendChannel",
     "FrontendConnection",
     "HeaderFlag",
     "InflightDescription",

@@ -106,6 +106,10 @@ RULES: dict[Request, Rule] = {
         protocol_feature=ProtocolFeature.INFLIGHT_SHMFD,
         acked=True,
     ),
+    # QEMU sends it during negotiation, before SET_OWNER.
+    Request.SET_BACKEND_REQ_FD: Rule(
+        fds=FdRule.ONE, protocol_feature=ProtocolFeature.BACKEND_REQ, acked=True, session=False
+    ),
     Request.SET_STATUS: Rule(PayloadKind.U64, protocol_feature=ProtocolFeature.STATUS, acked=True),
     Request.GET_STATUS: Rule(
         reply=PayloadKind.U64, protocol_feature=ProtocolFeature.STATUS, acked=True
@@ -117,6 +121,7 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.RARP
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.NET_MTU
+    | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS

@@ -2,7 +2,8 @@
 
 - `Frontend`, `serve_device` (`vdev.testing.frontend`): serve a device on a real
   socket and drive it as a vhost-user front-end would (negotiation, memfd guest
-  memory, split or packed rings, chains in, completions out).
+  memory, split or packed rings, chains in, completions out; the back-end channel's
+  requests collected); `running_server` yields the `DeviceServer` itself.
 - `FakeGuestMemory` (`vdev.testing.fakemem`) and the driver rings
   (`vdev.testing.driver_rings`): pure unit tests with no socket at all.
 - `vdev.testing.guest`: boot a real Linux guest under QEMU with your device attached,
@@ -11,7 +12,13 @@
 
 from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
 from vdev.testing.fakemem import FakeGuestMemory
-from vdev.testing.frontend import Frontend, FrontendError, FrontendQueue, serve_device
+from vdev.testing.frontend import (
+    Frontend,
+    FrontendError,
+    FrontendQueue,
+    running_server,
+    serve_device,
+)
 
 __all__ = [
     "DriverPackedRing",
@@ -21,5 +28,6 @@ __all__ = [
     "FrontendError",
     "FrontendQueue",
     "UsedBuffer",
+    "running_server",
     "serve_device",
 ]

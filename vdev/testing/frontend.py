@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -26,7 +26,9 @@ from vdev.devices.base import Device
 from vdev.fdpass import recv_with_fds, send_with_fds
 from vdev.protocol import (
     F_PROTOCOL_FEATURES,
+    BackendMessage,
     DeviceConfig,
+    FrontendChannel,
     FrontendConnection,
     MemoryRegion,
     MemoryTable,
@@ -103,15 +105,34 @@ class FrontendQueue:
 
 
 class Frontend:
-    """A vhost-user front-end session over a connected Unix socket."""
+    """A vhost-user front-end session over a connected Unix socket.
 
-    def __init__(self, sock: trio.socket.SocketType, memory: FakeGuestMemory) -> None:
+    With a `nursery` (`connect` gives one) it negotiates BACKEND_REQ, hands the device
+    a back-end channel (a socketpair, SET_BACKEND_REQ_FD), and a task there collects
+    the device's requests in `backend_requests`, first awaiting `on_backend_request`
+    (QEMU reads the config there), then answering those that ask with
+    `backend_answer`: a result (0 for success), raw bytes to send instead, or None for
+    no answer at all.
+    """
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        memory: FakeGuestMemory,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
         self.sock = sock
         self.memory = memory
         self.conn = FrontendConnection()
         self.features = 0
         self.protocol_features = 0
         self.queues: dict[int, FrontendQueue] = {}
+        self.nursery = nursery
+        self.backend_sock: trio.socket.SocketType | None = None
+        self.backend_requests: list[BackendMessage] = []
+        self.backend_answer: int | bytes | None = 0
+        self.on_backend_request: Callable[[BackendMessage], Awaitable[object]] | None = None
+        self._backend_arrived = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -132,11 +153,13 @@ class Frontend:
             )
         try:
             await sock.connect(str(path))
-            fe = cls(sock, memory)
-            try:
-                yield fe
-            finally:
-                fe.close()
+            async with trio.open_nursery() as nursery:
+                fe = cls(sock, memory, nursery)
+                try:
+                    yield fe
+                finally:
+                    fe.close()
+                    nursery.cancel_scope.cancel()
         finally:
             sock.close()
             memory.close()
@@ -181,7 +204,11 @@ class Frontend:
             msg = await self.send(Request.GET_PROTOCOL_FEATURES)
             assert msg is not None and isinstance(msg.payload, int)
             self.protocol_features = msg.payload
+            if self.nursery is None:  # nothing could serve a back-end channel
+                self.protocol_features &= ~ProtocolFeature.BACKEND_REQ
             await self.send(Request.SET_PROTOCOL_FEATURES, self.protocol_features)
+            if self.protocol_features & ProtocolFeature.BACKEND_REQ:
+                await self.open_backend_channel()
         if features is None:
             features = offered if packed else offered & ~VirtioFeature.RING_PACKED
         self.features = features
@@ -202,6 +229,61 @@ class Frontend:
         )
         fds = [r.fd for r in regions]
         await self.send(Request.SET_MEM_TABLE, table, fds, need_reply=self._acks)  # type: ignore[arg-type]
+
+    # --- the back-end channel ------------------------------------------------------------
+
+    async def open_backend_channel(self) -> None:
+        """Hand the device a new back-end channel (SET_BACKEND_REQ_FD); the old one, if
+        any, is closed."""
+        if self.nursery is None:
+            raise FrontendError("a back-end channel needs a nursery (use Frontend.connect)")
+        ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            await self.send(
+                Request.SET_BACKEND_REQ_FD, None, [theirs.fileno()], need_reply=self._acks
+            )
+        self.close_backend_channel()
+        self.backend_sock = ours
+        self.nursery.start_soon(self._serve_backend_channel, ours)
+
+    def close_backend_channel(self) -> None:
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+            self.backend_sock = None
+
+    async def wait_backend_requests(
+        self, count: int, timeout: float = 10.0
+    ) -> list[BackendMessage]:
+        """Wait until the device sent `count` back-end requests in all; return them all."""
+        with trio.move_on_after(timeout):
+            while len(self.backend_requests) < count:
+                await self._backend_arrived.wait()
+            return self.backend_requests
+        got = len(self.backend_requests)
+        raise FrontendError(f"{got} of {count} back-end requests in {timeout}s")
+
+    async def _serve_backend_channel(self, sock: trio.socket.SocketType) -> None:
+        channel = FrontendChannel()
+        try:
+            while True:
+                data, fds, _ = await recv_with_fds(sock)
+                if not data:
+                    return
+                channel.receive_data(data, fds)
+                while (msg := channel.next_request()) is not None:
+                    if self.on_backend_request is not None:
+                        await self.on_backend_request(msg)
+                    self.backend_requests.append(msg)
+                    self._backend_arrived.set()
+                    self._backend_arrived = trio.Event()
+                    answer = self.backend_answer
+                    if msg.need_reply and answer is not None:
+                        reply = answer if isinstance(answer, bytes) else channel.reply(msg, answer)
+                        await send_with_fds(sock, reply)
+        except (trio.ClosedResourceError, OSError):
+            return  # closed here, or by the device
+        finally:
+            channel.close()
 
     async def get_config(self, offset: int, size: int) -> bytes:
         msg = await self.send(Request.GET_CONFIG, DeviceConfig(offset, size, 0, bytes(size)))
@@ -242,17 +324,26 @@ class Frontend:
         for queue in self.queues.values():
             queue.close()
         self.queues.clear()
+        self.close_backend_channel()
         self.conn.close()
 
 
 @asynccontextmanager
-async def serve_device(device: Device, path: str | Path) -> AsyncIterator[Path]:
-    """Serve `device` on a socket at `path` in the background, for the block's duration."""
+async def running_server(device: Device, path: str | Path) -> AsyncIterator[DeviceServer]:
+    """Serve `device` on a socket at `path` in the background, for the block's duration;
+    yields the server (for `DeviceServer.resize`, `set_link`, ...)."""
     server = DeviceServer(device, path)
     with unwrap_single():
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             try:
-                yield Path(path)
+                yield server
             finally:
                 nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serve_device(device: Device, path: str | Path) -> AsyncIterator[Path]:
+    """Serve `device` on a socket at `path` in the background, for the block's duration."""
+    async with running_server(device, path) as server:
+        yield server.path
