@@ -1,0 +1,302 @@
+"""`vdev trace` over real sockets: vdev.testing's Frontend -> tracer -> a DeviceServer.
+
+The device must work through the tracer as it does directly, the trace must show what
+was said, garbage from either side must be reported without ending the tracer, and
+`vdev run --trace` must log the daemon's own sessions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from vdev_backends.blk_ram import RamBackend
+
+from vdev.devices.blk import REQUEST_HEADER, BlkDevice, RequestType
+from vdev.protocol import HeaderFlag, Request
+from vdev.protocol.framing import HEADER, encode_message
+from vdev.server import DeviceServer
+from vdev.testing.frontend import Frontend, serve_device
+from vdev.trace import TraceOptions, Tracer
+from vdev.trioutil import unwrap_single
+
+SIZE = 1 << 20
+SECTOR = 512
+VDEV = [sys.executable, "-m", "vdev.cli"]
+
+
+def blk_header(kind: int, sector: int) -> bytes:
+    return REQUEST_HEADER.pack(kind, 0, sector)
+
+
+@asynccontextmanager
+async def tracing(
+    tmp_path: Path, backend: Path, **options: object
+) -> AsyncIterator[tuple[Path, Tracer, io.StringIO]]:
+    """A tracer listening on tmp_path/trace.sock, writing into a StringIO."""
+    out = io.StringIO()
+    listen = tmp_path / "trace.sock"
+    tracer = Tracer(TraceOptions(listen, backend, out, **options))  # type: ignore[arg-type]
+    await tracer.check_backend()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tracer.serve)
+            try:
+                yield listen, tracer, out
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def use_disk(fe: Frontend) -> bytes:
+    """Negotiate, write a sector, read it back; the data read."""
+    await fe.negotiate()
+    queue = await fe.setup_queue(0, size=64)
+    data = bytes(range(256)) * 2
+    with trio.fail_after(10):
+        write = await queue.transact([blk_header(RequestType.OUT, 3), data], [1])
+        read = await queue.transact([blk_header(RequestType.IN, 3)], [SECTOR, 1])
+    assert write.last_byte == 0 and read.last_byte == 0
+    return read.data[0][:SECTOR]
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_a_device_works_through_the_tracer_and_the_trace_shows_the_session(
+    tmp_path: Path,
+) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    async with (
+        serve_device(device, tmp_path / "blk.sock") as backend,
+        tracing(tmp_path, backend, device="blk") as (listen, _tracer, out),
+        Frontend.connect(listen) as fe,
+    ):
+        assert await use_disk(fe) == bytes(range(256)) * 2
+        base = await fe.stop_queue(0)
+        first = fe.memory.regions[0]
+    lines = out.getvalue().splitlines()
+    assert all(line.startswith("#1 +") for line in lines)
+    assert lines[0] == "#1 +? front-end -> back-end SET_OWNER"
+    assert lines[1].endswith(" front-end -> back-end GET_FEATURES")
+    [offered] = [line for line in lines if "back-end -> front-end GET_FEATURES [REPLY]" in line]
+    assert "VERSION_1" in offered and "PROTOCOL_FEATURES" in offered and "FLUSH" in offered
+    [table] = [line for line in lines if "back-end SET_MEM_TABLE" in line]
+    assert f"regions=[guest_addr={first.guest_phys_addr:#x} size={first.size:#x}" in table
+    assert "fds=2:" in table
+    [addr] = [line for line in lines if "back-end SET_VRING_ADDR" in line]
+    assert "index=0" in addr and "desc=0x7f" in addr
+    assert any("back-end SET_VRING_KICK" in line and "fds=1:" in line for line in lines)
+    [vring_base] = [line for line in lines if "GET_VRING_BASE [REPLY]" in line]
+    assert f"base={base}" in vring_base
+    assert not any("ERROR" in line for line in lines), "\n".join(lines)
+
+
+async def test_json_lines_and_the_request_filter(tmp_path: Path) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    only = frozenset({"SET_MEM_TABLE", "GET_FEATURES"})
+    async with (
+        serve_device(device, tmp_path / "blk.sock") as backend,
+        tracing(tmp_path, backend, json=True, only=only) as (listen, _tracer, out),
+        Frontend.connect(listen) as fe,
+    ):
+        await use_disk(fe)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["request"], r["direction"]) for r in records] == [
+        ("GET_FEATURES", "front-end -> back-end"),
+        ("GET_FEATURES", "back-end -> front-end"),
+        ("SET_MEM_TABLE", "front-end -> back-end"),
+        ("SET_MEM_TABLE", "back-end -> front-end"),
+    ]
+    request, reply, table, ack = records
+    assert request["connection"] == 1 and request["flags"] == []
+    assert "VERSION_1" in reply["fields"]["features"]["names"] and reply["flags"] == ["REPLY"]
+    assert len(table["fds"]) == 2 and len(table["fields"]["regions"]) == 2
+    assert table["flags"] == ["NEED_REPLY"] and ack["fields"] == {"ack": "ok"}
+    assert all(r["elapsed"] >= 0 for r in records)
+
+
+async def test_front_ends_in_turn_each_get_a_backend_connection(tmp_path: Path) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    server = DeviceServer(device, tmp_path / "blk.sock")
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with tracing(tmp_path, server.path) as (listen, tracer, out):
+                for _ in range(3):
+                    async with Frontend.connect(listen) as fe:
+                        await use_disk(fe)
+                assert tracer.connections == 3
+                await wait_for(lambda: server.sessions == 4)  # and check_backend's probe
+            nursery.cancel_scope.cancel()
+    numbers = {line.split()[0] for line in out.getvalue().splitlines()}
+    assert numbers == {"#1", "#2", "#3"}
+
+
+async def raw_connection(path: Path) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    return sock
+
+
+async def read_until_closed(sock: trio.socket.SocketType) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await sock.recv(65536):
+            data += chunk
+    return data
+
+
+async def test_front_end_garbage_is_reported_and_the_tracer_keeps_serving(tmp_path: Path) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    async with (
+        serve_device(device, tmp_path / "blk.sock") as backend,
+        tracing(tmp_path, backend) as (listen, _tracer, out),
+    ):
+        with await raw_connection(listen) as sock:
+            owner = encode_message(Request.SET_OWNER, HeaderFlag.VERSION)
+            unknown = encode_message(99, HeaderFlag.VERSION, b"\x01")
+            oversize = HEADER.pack(Request.GET_FEATURES, HeaderFlag.VERSION, 1 << 20)
+            await sock.send(owner + unknown + oversize)
+            await read_until_closed(sock)  # the tracer closes the pair
+        async with Frontend.connect(listen) as fe:
+            await use_disk(fe)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("#1 +? front-end -> back-end SET_OWNER")
+    assert lines[1].endswith(
+        f" UNKNOWN(99) ERROR: unknown request on the main channel; raw={unknown.hex()}"
+    )
+    assert "GET_FEATURES ERROR: framing lost: payload size 1048576 exceeds 4096" in lines[2]
+    assert any(line.startswith("#2 ") and "SET_MEM_TABLE" in line for line in lines)
+
+
+@asynccontextmanager
+async def fake_backend(path: Path, reply: bytes) -> AsyncIterator[None]:
+    """A back-end that answers each connection's first message with `reply` and hangs up."""
+
+    async def serve(task_status: trio.TaskStatus[None]) -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with listener:
+            await listener.bind(str(path))
+            listener.listen(4)
+            task_status.started()
+            while True:
+                conn, _ = await listener.accept()
+                with conn:
+                    if await conn.recv(4096):
+                        await conn.send(reply)
+
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            yield
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (encode_message(Request.GET_FEATURES, HeaderFlag.VERSION | HeaderFlag.REPLY, b"\x01"),
+         "GET_FEATURES [REPLY] ERROR: payload is 1 bytes, expected 8"),
+        (HEADER.pack(Request.GET_FEATURES, 5, 99999), "framing lost: payload size 99999"),
+        (b"\x01\x00", "GARBAGE ERROR: stream ended inside a message (2 bytes)"),
+    ],
+)  # fmt: skip
+async def test_back_end_garbage_is_forwarded_and_reported(
+    tmp_path: Path, reply: bytes, error: str
+) -> None:
+    async with (
+        fake_backend(tmp_path / "fake.sock", reply),
+        tracing(tmp_path, tmp_path / "fake.sock") as (listen, _tracer, out),
+    ):
+        with await raw_connection(listen) as sock:
+            await sock.send(encode_message(Request.GET_FEATURES, HeaderFlag.VERSION))
+            assert await read_until_closed(sock) == reply
+    [line] = [line for line in out.getvalue().splitlines() if "back-end -> front-end" in line]
+    assert error in line
+    assert line.endswith(f"raw={reply.hex()}")
+
+
+async def test_an_unreachable_back_end_drops_the_front_end_only(tmp_path: Path) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    server = DeviceServer(device, tmp_path / "blk.sock")
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def serve(task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    await server.serve(task_status=task_status)
+
+            await nursery.start(serve)
+            async with tracing(tmp_path, server.path) as (listen, tracer, _out):
+                scope.cancel()  # the back-end goes away
+                await wait_for(lambda: not server.path.exists())
+                with await raw_connection(listen) as sock:
+                    assert await read_until_closed(sock) == b""
+                await nursery.start(server.serve)
+                async with Frontend.connect(listen) as fe:
+                    await use_disk(fe)
+                assert tracer.connections == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_vdev_run_trace_logs_each_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = BlkDevice(RamBackend(SIZE))
+    server = DeviceServer(device, tmp_path / "blk.sock", trace=True)
+    with caplog.at_level(logging.INFO, logger="vdev.protocol.describe"), unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            async with Frontend.connect(server.path) as fe:
+                await use_disk(fe)
+                await fe.sock.send(encode_message(Request.SET_FEATURES, 1, b"\x01"))
+                await read_until_closed(fe.sock)
+            nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.name == "vdev.protocol.describe"]
+    prefix = f"{server.path}: "
+    assert all(line.startswith(prefix) for line in lines)
+    assert lines[0] == prefix + "+? front-end -> back-end SET_OWNER"
+    assert any("back-end -> front-end GET_FEATURES [REPLY] features=" in line for line in lines)
+    assert any(" SET_MEM_TABLE [NEED_REPLY] regions=[" in line for line in lines)
+    assert "SET_FEATURES ERROR: payload is 1 bytes, expected 8" in lines[-1]
+
+
+def test_trace_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("")
+    backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend.bind(str(tmp_path / "b.sock"))
+    backend.listen(8)
+    cases = [
+        (["--listen", "l.sock", "--connect", "none.sock"], "none.sock"),
+        (["--listen", "l.sock", "--connect", "file"], "file"),
+        (["--listen", "/nonexistent/dir/l.sock", "--connect", "b.sock"], "/nonexistent/dir"),
+        (["--listen", "file", "--connect", "b.sock"], "not a socket"),
+        (["--listen", "b.sock", "--connect", "b.sock"], "in use"),
+        (["--listen", "l.sock", "--connect", "b.sock", "--only", "SET_MEM_TABLE,FOO"], "FOO"),
+        (["--listen", "l.sock", "--connect", "b.sock", "--output", "/nonexistent/x"], "--output"),
+        (["--listen", "l.sock"], "--connect"),
+        (["--listen", "l.sock", "--connect", "b.sock", "--device", "gpu"], "--device"),
+    ]
+    with backend:
+        for args, names in cases:
+            result = subprocess.run(
+                [*VDEV, "trace", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+            )
+            assert result.returncode == 2, result
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and names in lines[0], result.stderr
+    assert not (tmp_path / "l.sock").exists()

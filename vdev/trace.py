@@ -1,0 +1,170 @@
+"""`vdev trace`: a vhost-user tracer between a front-end and a back-end.
+
+The tracer listens where the front-end connects, opens one back-end connection per
+front-end connection, forwards every chunk of bytes with its fds unchanged, both ways,
+and writes each message decoded (`vdev.protocol.describe`) as a line of text or JSON.
+A stream whose framing is lost (absurd size) is reported and its pair closed; the
+tracer keeps listening for the next front-end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntFlag
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from vdev.devices.blk import BlkFeature
+from vdev.devices.net import NetFeature
+from vdev.fdpass import recv_with_fds, send_with_fds
+from vdev.protocol.describe import Direction, Record, Trace
+from vdev.server import listen_unix
+from vdev.virtio.features import VirtioFeature
+
+log = logging.getLogger(__name__)
+
+#: Device types whose feature bits the tracer can name (`--device`).
+DEVICE_FEATURES: dict[str, type[IntFlag]] = {"blk": BlkFeature, "net": NetFeature}
+
+_SENDERS = {Direction.FRONTEND: "front-end", Direction.BACKEND: "back-end"}
+
+
+class TraceError(Exception):
+    """The tracer cannot start (a socket it cannot listen on or connect to)."""
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What `vdev trace` was asked for."""
+
+    listen: Path
+    connect: Path
+    output: TextIO
+    json: bool = False
+    only: frozenset[str] | None = None
+    device: str | None = None
+
+    @property
+    def feature_types(self) -> tuple[type[IntFlag], ...]:
+        device = (DEVICE_FEATURES[self.device],) if self.device else ()
+        return (VirtioFeature, *device)
+
+
+class Tracer:
+    """Serves front-end connections in turn (or at once), each with its own back-end."""
+
+    def __init__(self, options: TraceOptions) -> None:
+        self.options = options
+        self.connections = 0
+
+    async def check_backend(self) -> None:
+        """Fail now if the back-end's socket does not accept connections."""
+        sock = await self._connect_backend()
+        sock.close()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept front-ends until cancelled."""
+        listener = await listen_unix(self.options.listen)
+        try:
+            with listener:
+                log.info("%s: tracing into %s", self.options.listen, self.options.connect)
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        front, _ = await listener.accept()
+                        self.connections += 1
+                        nursery.start_soon(self._serve_pair, front, self.connections)
+        finally:
+            self.options.listen.unlink(missing_ok=True)
+
+    async def _connect_backend(self) -> trio.socket.SocketType:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(str(self.options.connect))
+        except OSError as exc:
+            sock.close()
+            raise TraceError(
+                f"cannot connect to the back-end at {self.options.connect}: {exc.strerror}"
+            ) from None
+        return sock
+
+    async def _serve_pair(self, front: trio.socket.SocketType, number: int) -> None:
+        with front:
+            try:
+                back = await self._connect_backend()
+            except TraceError as exc:
+                log.error("connection %d: %s; front-end dropped", number, exc)
+                return
+            with back:
+                log.info("connection %d: front-end connected", number)
+                trace = Trace(self.options.feature_types)
+                async with trio.open_nursery() as nursery:
+                    for src, dst, direction in (
+                        (front, back, Direction.FRONTEND),
+                        (back, front, Direction.BACKEND),
+                    ):
+                        nursery.start_soon(
+                            self._pump, src, dst, direction, trace, number, nursery.cancel_scope
+                        )
+        log.info("connection %d: closed", number)
+
+    async def _pump(
+        self,
+        src: trio.socket.SocketType,
+        dst: trio.socket.SocketType,
+        direction: Direction,
+        trace: Trace,
+        number: int,
+        pair: trio.CancelScope,
+    ) -> None:
+        """Forward ``direction`` until it ends; then the pair is closed."""
+        sender = _SENDERS[direction]
+        try:
+            while True:
+                try:
+                    data, fds, truncated = await recv_with_fds(src)
+                except OSError as exc:
+                    log.info("connection %d: %s connection lost: %s", number, sender, exc)
+                    return
+                try:
+                    now = trio.current_time()
+                    if not data:
+                        self._emit(trace.close(direction, now), number)
+                        log.info("connection %d: %s disconnected", number, sender)
+                        return
+                    self._emit(trace.feed(direction, data, fds, now), number)
+                    if truncated:
+                        log.error("connection %d: %s sent more fds than fit", number, sender)
+                        return
+                    try:
+                        await send_with_fds(dst, data, fds)
+                    except OSError as exc:
+                        log.info("connection %d: cannot forward: %s", number, exc)
+                        return
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                if trace.lost(direction):
+                    log.error("connection %d: %s framing lost; pair closed", number, sender)
+                    return
+        finally:
+            pair.cancel()
+
+    def _emit(self, records: Sequence[Record], number: int) -> None:
+        only = self.options.only
+        out = self.options.output
+        for record in records:
+            if only is not None and record.name not in only and record.error is None:
+                continue
+            if self.options.json:
+                out.write(json.dumps({"connection": number, **record.json()}) + "\n")
+            else:
+                out.write(f"#{number} {record.text()}\n")
+        out.flush()
