@@ -1,8 +1,10 @@
 """`vdev trace`: a vhost-user tracer between a front-end and a back-end.
 
 The tracer listens where the front-end connects, opens one back-end connection per
-front-end connection, forwards every chunk of bytes with its fds unchanged, both ways,
-and writes each message decoded (`vdev.protocol.describe`) as a line of text or JSON.
+front-end connection, forwards every message with its fds unchanged, both ways, and
+writes each decoded (`vdev.protocol.describe`) as a line of text or JSON. It reads and
+sends message by message, as the server does: the kernel hands a message's fds over
+with the first read that reaches its bytes, and a larger read could take them early.
 A stream whose framing is lost (absurd size) is reported and its pair closed; the
 tracer keeps listening for the next front-end.
 """
@@ -23,7 +25,7 @@ import trio
 
 from vdev.devices.blk import BlkFeature
 from vdev.devices.net import NetFeature
-from vdev.fdpass import recv_with_fds, send_with_fds
+from vdev.fdpass import recv_message, send_with_fds
 from vdev.protocol.describe import Direction, Record, Trace
 from vdev.server import listen_unix
 from vdev.virtio.features import VirtioFeature
@@ -129,7 +131,7 @@ class Tracer:
         try:
             while True:
                 try:
-                    data, fds, truncated = await recv_with_fds(src)
+                    data, fds, truncated = await recv_message(src)
                 except OSError as exc:
                     log.info("connection %d: %s connection lost: %s", number, sender, exc)
                     return

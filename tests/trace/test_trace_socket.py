@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -22,8 +23,10 @@ import trio
 from vdev_backends.blk_ram import RamBackend
 
 from vdev.devices.blk import REQUEST_HEADER, BlkDevice, RequestType
+from vdev.fdpass import recv_message
 from vdev.protocol import HeaderFlag, Request
 from vdev.protocol.framing import HEADER, encode_message
+from vdev.protocol.messages import U64
 from vdev.server import DeviceServer
 from vdev.testing.frontend import Frontend, serve_device
 from vdev.trace import TraceOptions, Tracer
@@ -226,6 +229,38 @@ async def test_back_end_garbage_is_forwarded_and_reported(
     [line] = [line for line in out.getvalue().splitlines() if "back-end -> front-end" in line]
     assert error in line
     assert line.endswith(f"raw={reply.hex()}")
+
+
+async def test_fds_reach_the_back_end_with_their_own_message(tmp_path: Path) -> None:
+    """Messages queued back to back, only the second with an fd: one read of both would
+    hand the fd over with the first."""
+    received: list[tuple[bytes, list[int]]] = []
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(tmp_path / "b.sock"))
+    listener.listen(4)
+    owner = encode_message(Request.SET_OWNER, HeaderFlag.VERSION)
+    call = encode_message(Request.SET_VRING_CALL, HeaderFlag.VERSION, U64.pack(0))
+    async with tracing(tmp_path, tmp_path / "b.sock") as (listen, _tracer, out):
+        (await listener.accept())[0].close()  # check_backend's probe
+        front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        front.connect(str(listen))
+        back, _ = await listener.accept()
+        eventfd = os.eventfd(0)
+        front.sendall(owner)  # both queued before the tracer reads: no checkpoint between
+        socket.send_fds(front, [call], [eventfd])
+        with back, front, trio.fail_after(10):
+            while len(received) < 2:
+                data, fds, _ = await recv_message(back)
+                received.append((data, fds))
+        os.close(eventfd)
+    listener.close()
+    assert [data for data, _ in received] == [owner, call]
+    assert len(received[0][1]) == 0 and len(received[1][1]) == 1
+    for fd in received[1][1]:
+        os.close(fd)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" SET_OWNER")
+    assert " SET_VRING_CALL index=0 fd=True fds=1:" in lines[1]
 
 
 async def test_an_unreachable_back_end_drops_the_front_end_only(tmp_path: Path) -> None:
