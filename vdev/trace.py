@@ -26,7 +26,8 @@ import trio
 from vdev.devices.blk import BlkFeature
 from vdev.devices.net import NetFeature
 from vdev.fdpass import recv_message, send_with_fds
-from vdev.protocol.describe import Direction, Record, Trace
+from vdev.protocol import Request
+from vdev.protocol.describe import Channel, Direction, Record, Trace
 from vdev.server import listen_unix
 from vdev.virtio.features import VirtioFeature
 
@@ -106,16 +107,27 @@ class Tracer:
                 return
             with back:
                 log.info("connection %d: front-end connected", number)
-                trace = Trace(self.options.feature_types)
-                async with trio.open_nursery() as nursery:
-                    for src, dst, direction in (
-                        (front, back, Direction.FRONTEND),
-                        (back, front, Direction.BACKEND),
-                    ):
-                        nursery.start_soon(
-                            self._pump, src, dst, direction, trace, number, nursery.cancel_scope
-                        )
+                await self._forward(front, back, Trace(self.options.feature_types), number)
         log.info("connection %d: closed", number)
+
+    async def _forward(
+        self,
+        front: trio.socket.SocketType,
+        back: trio.socket.SocketType,
+        trace: Trace,
+        number: int,
+    ) -> None:
+        """Forward both ways until either side ends or loses its framing."""
+        async with trio.open_nursery() as nursery:
+            # Only the main channel's front-end hands a back-end channel over.
+            channels = nursery if trace.channel is Channel.MAIN else None
+            for src, dst, direction in (
+                (front, back, Direction.FRONTEND),
+                (back, front, Direction.BACKEND),
+            ):
+                nursery.start_soon(
+                    self._pump, src, dst, direction, trace, number, nursery.cancel_scope, channels
+                )
 
     async def _pump(
         self,
@@ -125,9 +137,17 @@ class Tracer:
         trace: Trace,
         number: int,
         pair: trio.CancelScope,
+        channels: trio.Nursery | None,
     ) -> None:
-        """Forward ``direction`` until it ends; then the pair is closed."""
+        """Forward ``direction`` until it ends; then the pair is closed.
+
+        With ``channels``, a back-end channel the front-end hands over (the socket of
+        SET_BACKEND_REQ_FD) is traced too: the back-end gets one end of a socketpair of
+        ours instead, and the channel is forwarded in ``channels``.
+        """
         sender = _SENDERS[direction]
+        if trace.channel is Channel.BACKEND:
+            sender += " (back-end channel)"
         try:
             while True:
                 try:
@@ -135,29 +155,56 @@ class Tracer:
                 except OSError as exc:
                     log.info("connection %d: %s connection lost: %s", number, sender, exc)
                     return
+                owned = forward = fds  # our copies of the fds, closed once forwarded
                 try:
                     now = trio.current_time()
                     if not data:
                         self._emit(trace.close(direction, now), number)
                         log.info("connection %d: %s disconnected", number, sender)
                         return
-                    self._emit(trace.feed(direction, data, fds, now), number)
+                    records = trace.feed(direction, data, fds, now)
+                    self._emit(records, number)
                     if truncated:
                         log.error("connection %d: %s sent more fds than fit", number, sender)
                         return
+                    if channels is not None and _hands_over_channel(records):
+                        replacement = self._trace_channel(fds[0], number, channels)
+                        if replacement is not None:
+                            forward, owned = [replacement], [*fds, replacement]
                     try:
-                        await send_with_fds(dst, data, fds)
+                        await send_with_fds(dst, data, forward)
                     except OSError as exc:
                         log.info("connection %d: cannot forward: %s", number, exc)
                         return
                 finally:
-                    for fd in fds:
+                    for fd in owned:
                         os.close(fd)
                 if trace.lost(direction):
                     log.error("connection %d: %s framing lost; pair closed", number, sender)
                     return
         finally:
             pair.cancel()
+
+    def _trace_channel(self, fd: int, number: int, nursery: trio.Nursery) -> int | None:
+        """Start tracing the back-end channel on the front-end's socket ``fd`` (which it
+        takes over); the fd to hand the back-end instead, None if ``fd`` is no socket."""
+        try:
+            front = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            log.warning("connection %d: back-end channel not traced: %s", number, exc)
+            return None
+        if front.family != socket.AF_UNIX or front.type != socket.SOCK_STREAM:
+            front.close()
+            log.warning("connection %d: back-end channel is no Unix stream socket", number)
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log.info("connection %d: tracing the back-end channel", number)
+        nursery.start_soon(self._serve_channel, front, ours, number)
+        return theirs.detach()
+
+    async def _serve_channel(self, front: socket.socket, back: socket.socket, number: int) -> None:
+        with trio.socket.from_stdlib_socket(front) as f, trio.socket.from_stdlib_socket(back) as b:
+            await self._forward(f, b, Trace(self.options.feature_types, Channel.BACKEND), number)
 
     def _emit(self, records: Sequence[Record], number: int) -> None:
         only = self.options.only
@@ -170,3 +217,10 @@ class Tracer:
             else:
                 out.write(f"#{number} {record.text()}\n")
         out.flush()
+
+
+def _hands_over_channel(records: Sequence[Record]) -> bool:
+    return any(
+        r.name == Request.SET_BACKEND_REQ_FD.name and r.error is None and len(r.fds) == 1
+        for r in records
+    )

@@ -421,6 +421,17 @@ def test_session_trace_logs_one_line_per_message(caplog: pytest.LogCaptureFixtur
     ]
 
 
+def test_session_trace_of_the_back_end_channel(caplog: pytest.LogCaptureFixture) -> None:
+    trace = SessionTrace("nic.sock", channel=Channel.BACKEND)
+    with caplog.at_level(logging.INFO, logger="vdev.protocol.describe"):
+        trace.sent(encode_message(BackendRequest.VRING_CALL, V, VringState(1, 0).encode()), 2.0)
+        trace.received(encode_message(BackendRequest.VRING_CALL, REPLY, U64.pack(0)), (), 2.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "nic.sock: +? back-end -> front-end [back-end channel] VRING_CALL index=1 num=0",
+        "nic.sock: +0.500000s front-end -> back-end [back-end channel] VRING_CALL [REPLY] ack=ok",
+    ]
+
+
 def test_flag_sets_name_each_bit_by_the_first_type_that_knows_it() -> None:
     flags = FlagSet.of(VERSION_1 | (1 << 9) | (1 << 3), [VirtioFeature, _Blk])
     assert flags.names == ("bit3", "FLUSH", "VERSION_1")

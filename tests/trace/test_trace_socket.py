@@ -23,8 +23,8 @@ import trio
 from vdev_backends.blk_ram import RamBackend
 
 from vdev.devices.blk import REQUEST_HEADER, BlkDevice, RequestType
-from vdev.fdpass import recv_message
-from vdev.protocol import HeaderFlag, Request
+from vdev.fdpass import recv_message, send_with_fds
+from vdev.protocol import BackendRequest, HeaderFlag, Request
 from vdev.protocol.framing import HEADER, encode_message
 from vdev.protocol.messages import U64
 from vdev.server import DeviceServer
@@ -59,6 +59,10 @@ async def tracing(
                 nursery.cancel_scope.cancel()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 async def use_disk(fe: Frontend) -> bytes:
     """Negotiate, write a sector, read it back; the data read."""
     await fe.negotiate()
@@ -81,14 +85,16 @@ async def test_a_device_works_through_the_tracer_and_the_trace_shows_the_session
     tmp_path: Path,
 ) -> None:
     device = BlkDevice(RamBackend(SIZE))
-    async with (
-        serve_device(device, tmp_path / "blk.sock") as backend,
-        tracing(tmp_path, backend, device="blk") as (listen, _tracer, out),
-        Frontend.connect(listen) as fe,
-    ):
-        assert await use_disk(fe) == bytes(range(256)) * 2
-        base = await fe.stop_queue(0)
-        first = fe.memory.regions[0]
+    async with serve_device(device, tmp_path / "blk.sock") as backend:
+        fds_before = open_fds()
+        async with (
+            tracing(tmp_path, backend, device="blk") as (listen, _tracer, out),
+            Frontend.connect(listen) as fe,
+        ):
+            assert await use_disk(fe) == bytes(range(256)) * 2
+            base = await fe.stop_queue(0)
+            first = fe.memory.regions[0]
+        await wait_for(lambda: open_fds() == fds_before)  # the session's, the tracer's
     lines = out.getvalue().splitlines()
     assert all(line.startswith("#1 +") for line in lines)
     assert lines[0] == "#1 +? front-end -> back-end SET_OWNER"
@@ -261,6 +267,48 @@ async def test_fds_reach_the_back_end_with_their_own_message(tmp_path: Path) -> 
     lines = out.getvalue().splitlines()
     assert lines[0].endswith(" SET_OWNER")
     assert " SET_VRING_CALL index=0 fd=True fds=1:" in lines[1]
+
+
+async def test_the_back_end_channel_is_traced_too(tmp_path: Path) -> None:
+    """SET_BACKEND_REQ_FD's socket: the back-end's requests and the front-end's replies on
+    it are forwarded unchanged and traced as the back-end channel."""
+    fds_before = open_fds()
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(str(tmp_path / "b.sock"))
+    listener.listen(4)
+    need_reply = HeaderFlag.VERSION | HeaderFlag.NEED_REPLY
+    reply = HeaderFlag.VERSION | HeaderFlag.REPLY
+    handover = encode_message(Request.SET_BACKEND_REQ_FD, need_reply)
+    change = encode_message(BackendRequest.CONFIG_CHANGE_MSG, need_reply)
+    ack = encode_message(BackendRequest.CONFIG_CHANGE_MSG, reply, U64.pack(0))
+    async with tracing(tmp_path, tmp_path / "b.sock") as (listen, _tracer, out):
+        (await listener.accept())[0].close()  # check_backend's probe
+        front = await raw_connection(listen)
+        back, _ = await listener.accept()
+        front_end, back_end = socket.socketpair()
+        with front, back, front_end, trio.fail_after(10):
+            await send_with_fds(front, handover, [back_end.fileno()])
+            back_end.close()
+            data, fds, _ = await recv_message(back)
+            assert data == handover and len(fds) == 1
+            with (
+                trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0])) as channel,
+                trio.socket.from_stdlib_socket(front_end) as front_channel,
+            ):
+                await send_with_fds(channel, change)
+                assert (await recv_message(front_channel))[0] == change
+                await send_with_fds(front_channel, ack)
+                assert (await recv_message(channel))[0] == ack
+    listener.close()
+    assert open_fds() == fds_before  # the tracer's ends of the channel are closed too
+    lines = out.getvalue().splitlines()
+    assert " front-end -> back-end SET_BACKEND_REQ_FD [NEED_REPLY] fds=1:" in lines[0]
+    assert lines[1].endswith(
+        " back-end -> front-end [back-end channel] CONFIG_CHANGE_MSG [NEED_REPLY]"
+    )
+    assert lines[2].endswith(
+        " front-end -> back-end [back-end channel] CONFIG_CHANGE_MSG [REPLY] ack=ok"
+    )
 
 
 async def test_an_unreachable_back_end_drops_the_front_end_only(tmp_path: Path) -> None:

@@ -516,6 +516,7 @@ class Trace:
     def __init__(
         self, feature_types: Sequence[type[IntFlag]] = (), channel: Channel = Channel.MAIN
     ) -> None:
+        self.channel = channel
         self._describers = {d: Describer(d, channel, feature_types) for d in Direction}
         self._last: float | None = None
 
@@ -543,19 +544,28 @@ class Trace:
 
 
 class SessionTrace:
-    """A back-end session's messages logged one line each (`vdev run --trace`)."""
+    """A back-end session's messages logged one line each (`vdev run --trace`).
 
-    def __init__(self, name: str, feature_types: Sequence[type[IntFlag]] = ()) -> None:
+    On the back-end channel (``channel``) the back-end sends requests and receives
+    replies; the calls are the same.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        feature_types: Sequence[type[IntFlag]] = (),
+        channel: Channel = Channel.MAIN,
+    ) -> None:
         self.name = name
-        self._trace = Trace(feature_types)
+        self._trace = Trace(feature_types, channel)
 
     def received(self, data: bytes, fds: Sequence[int], now: float) -> None:
         """Log what the front-end sent."""
         self._log(self._trace.feed(Direction.FRONTEND, data, fds, now))
 
-    def sent(self, data: bytes, now: float) -> None:
-        """Log what the back-end replied."""
-        self._log(self._trace.feed(Direction.BACKEND, data, (), now))
+    def sent(self, data: bytes, now: float, fds: Sequence[int] = ()) -> None:
+        """Log what the back-end sent."""
+        self._log(self._trace.feed(Direction.BACKEND, data, fds, now))
 
     def _log(self, records: Iterable[Record]) -> None:
         for record in records:
