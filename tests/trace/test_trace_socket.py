@@ -12,17 +12,16 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from trace_helpers import use_disk
 from vdev_backends.blk_ram import RamBackend
 
-from vdev.devices.blk import REQUEST_HEADER, BlkDevice, RequestType
+from vdev.devices.blk import BlkDevice
 from vdev.fdpass import recv_message, send_with_fds
 from vdev.protocol import BackendRequest, HeaderFlag, Request
 from vdev.protocol.framing import HEADER, encode_message
@@ -34,11 +33,6 @@ from vdev.trioutil import unwrap_single
 
 SIZE = 1 << 20
 SECTOR = 512
-VDEV = [sys.executable, "-m", "vdev.cli"]
-
-
-def blk_header(kind: int, sector: int) -> bytes:
-    return REQUEST_HEADER.pack(kind, 0, sector)
 
 
 @asynccontextmanager
@@ -61,18 +55,6 @@ async def tracing(
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def use_disk(fe: Frontend) -> bytes:
-    """Negotiate, write a sector, read it back; the data read."""
-    await fe.negotiate()
-    queue = await fe.setup_queue(0, size=64)
-    data = bytes(range(256)) * 2
-    with trio.fail_after(10):
-        write = await queue.transact([blk_header(RequestType.OUT, 3), data], [1])
-        read = await queue.transact([blk_header(RequestType.IN, 3)], [SECTOR, 1])
-    assert write.last_byte == 0 and read.last_byte == 0
-    return read.data[0][:SECTOR]
 
 
 async def wait_for(predicate: Callable[[], bool]) -> None:
@@ -355,31 +337,3 @@ async def test_vdev_run_trace_logs_each_message(
     assert any("back-end -> front-end GET_FEATURES [REPLY] features=" in line for line in lines)
     assert any(" SET_MEM_TABLE [NEED_REPLY] regions=[" in line for line in lines)
     assert "SET_FEATURES ERROR: payload is 1 bytes, expected 8" in lines[-1]
-
-
-def test_trace_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
-    not_a_socket = tmp_path / "file"
-    not_a_socket.write_text("")
-    backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    backend.bind(str(tmp_path / "b.sock"))
-    backend.listen(8)
-    cases = [
-        (["--listen", "l.sock", "--connect", "none.sock"], "none.sock"),
-        (["--listen", "l.sock", "--connect", "file"], "file"),
-        (["--listen", "/nonexistent/dir/l.sock", "--connect", "b.sock"], "/nonexistent/dir"),
-        (["--listen", "file", "--connect", "b.sock"], "not a socket"),
-        (["--listen", "b.sock", "--connect", "b.sock"], "in use"),
-        (["--listen", "l.sock", "--connect", "b.sock", "--only", "SET_MEM_TABLE,FOO"], "FOO"),
-        (["--listen", "l.sock", "--connect", "b.sock", "--output", "/nonexistent/x"], "--output"),
-        (["--listen", "l.sock"], "--connect"),
-        (["--listen", "l.sock", "--connect", "b.sock", "--device", "gpu"], "--device"),
-    ]
-    with backend:
-        for args, names in cases:
-            result = subprocess.run(
-                [*VDEV, "trace", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
-            )
-            assert result.returncode == 2, result
-            lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and names in lines[0], result.stderr
-    assert not (tmp_path / "l.sock").exists()
