@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import logging
@@ -528,7 +529,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         trio.run(_trace_until_signal, tracer)
     finally:
         if output is not sys.stdout:
-            output.close()
+            with contextlib.suppress(OSError):  # reported already, if it failed
+                output.close()
     return 0
 
 

@@ -6,7 +6,9 @@ writes each decoded (`vdev.protocol.describe`) as a line of text or JSON. It rea
 sends message by message, as the server does: the kernel hands a message's fds over
 with the first read that reaches its bytes, and a larger read could take them early.
 A stream whose framing is lost (absurd size) is reported and its pair closed; the
-tracer keeps listening for the next front-end.
+tracer keeps listening for the next front-end. The one fd not forwarded as is is the
+back-end channel's socket (SET_BACKEND_REQ_FD): the back-end gets one end of a
+socketpair instead, so that the channel is traced too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _SENDERS = {Direction.FRONTEND: "front-end", Direction.BACKEND: "back-end"}
 
 
 class TraceError(Exception):
-    """The tracer cannot start (a socket it cannot listen on or connect to)."""
+    """The tracer cannot start (a socket it cannot listen on or connect to) or write."""
 
 
 @dataclass(frozen=True)
@@ -207,16 +209,21 @@ class Tracer:
             await self._forward(f, b, Trace(self.options.feature_types, Channel.BACKEND), number)
 
     def _emit(self, records: Sequence[Record], number: int) -> None:
+        """Write the records the filter keeps (errors always); a failed write ends the
+        tracer (TraceError): it could only go on blind."""
         only = self.options.only
         out = self.options.output
-        for record in records:
-            if only is not None and record.name not in only and record.error is None:
-                continue
-            if self.options.json:
-                out.write(json.dumps({"connection": number, **record.json()}) + "\n")
-            else:
-                out.write(f"#{number} {record.text()}\n")
-        out.flush()
+        try:
+            for record in records:
+                if only is not None and record.name not in only and record.error is None:
+                    continue
+                if self.options.json:
+                    out.write(json.dumps({"connection": number, **record.json()}) + "\n")
+                else:
+                    out.write(f"#{number} {record.text()}\n")
+            out.flush()
+        except OSError as exc:
+            raise TraceError(f"cannot write the trace: {exc.strerror or exc}") from None
 
 
 def _hands_over_channel(records: Sequence[Record]) -> bool:

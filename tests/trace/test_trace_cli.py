@@ -13,6 +13,8 @@ import trio
 from trace_helpers import use_disk
 
 from vdev.bench.core import daemon
+from vdev.protocol import HeaderFlag, Request
+from vdev.protocol.framing import encode_message
 from vdev.testing.frontend import Frontend
 
 VDEV = [sys.executable, "-m", "vdev.cli"]
@@ -71,3 +73,21 @@ def test_trace_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and names in lines[0], result.stderr
     assert not (tmp_path / "l.sock").exists()
+
+
+async def test_a_trace_that_cannot_be_written_ends_in_one_line(tmp_path: Path) -> None:
+    backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend.bind(str(tmp_path / "b.sock"))
+    backend.listen(8)
+    traced, log = tmp_path / "trace.sock", tmp_path / "trace.log"
+    argv = [*VDEV, "-q", "trace", "--listen", str(traced), "--connect", str(tmp_path / "b.sock")]
+    with backend:
+        async with daemon([*argv, "--output", "/dev/full"], traced, log) as tracer:
+            front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with front:
+                front.connect(str(traced))
+                front.sendall(encode_message(Request.SET_OWNER, HeaderFlag.VERSION))
+                with trio.fail_after(10):
+                    assert await tracer.wait() == 2
+    assert log.read_text() == "vdev trace: error: cannot write the trace: No space left on device\n"
+    assert not traced.exists()

@@ -32,7 +32,6 @@ from vdev.trace import TraceOptions, Tracer
 from vdev.trioutil import unwrap_single
 
 SIZE = 1 << 20
-SECTOR = 512
 
 
 @asynccontextmanager
