@@ -9,6 +9,8 @@ import uuid
 from enum import IntFlag
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vdev.protocol import (
     F_PROTOCOL_FEATURES,
@@ -442,3 +444,23 @@ def test_known_request_names_cover_both_channels() -> None:
     names = known_request_names()
     assert {"SET_MEM_TABLE", "GET_FEATURES", "CONFIG_CHANGE_MSG", "VRING_CALL"} <= names
     assert "FOO" not in names
+
+
+def _header_then_bytes() -> st.SearchStrategy[bytes]:
+    """A plausible header (any request, flags and a small size) and random bytes."""
+    header = st.builds(HEADER.pack, st.integers(0, 60), st.integers(0, 15), st.integers(0, 300))
+    return st.tuples(header, st.binary(max_size=400)).map(b"".join)
+
+
+@given(
+    chunks=st.lists(st.one_of(st.binary(max_size=64), _header_then_bytes()), max_size=8),
+    direction=st.sampled_from(list(Direction)),
+    channel=st.sampled_from(list(Channel)),
+)
+def test_garbage_never_raises(chunks: list[bytes], direction: Direction, channel: Channel) -> None:
+    describer = Describer(direction, channel, [VirtioFeature])
+    records = [r for chunk in chunks for r in describer.feed(chunk)] + describer.close()
+    for record in records:
+        json.dumps(record.json())
+        record.text()
+        assert record.error is None or record.raw
