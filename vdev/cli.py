@@ -12,7 +12,7 @@ import resource
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -24,9 +24,10 @@ from vdev.config import ConfigError, DeviceSpec, build_device, load_config
 from vdev.devices.net import format_mac, parse_mac
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.plugins import plugins
+from vdev.protocol.describe import known_request_names
 from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
-from vdev.trace import DEVICE_FEATURES, TraceError, Tracer
+from vdev.trace import DEVICE_FEATURES, TraceError, TraceOptions, Tracer
 from vdev.trioutil import unwrap_single
 from vdev.units import parse_size
 
@@ -419,27 +420,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
             for d, s in zip(devices, specs, strict=True)
         ]
-        trio.run(_serve_until_signal, [server.serve for server in servers], _ready(servers))
+        trio.run(_serve_until_signal, servers)
     finally:
         for device in devices:
             device.close()
     return 0
 
 
-def _ready(servers: Sequence[DeviceServer]) -> str:
-    return "ready: " + ", ".join(str(s.path) for s in servers)
-
-
-async def _serve_until_signal(
-    serves: Sequence[Callable[..., Awaitable[None]]], ready: str | None = None
-) -> None:
-    """Start each of `serves` (`nursery.start`), log `ready`, run until SIGINT/SIGTERM."""
+async def _serve_until_signal(servers: Sequence[DeviceServer | Tracer]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, unwrap_single():
         async with trio.open_nursery() as nursery:
-            for serve in serves:
-                await nursery.start(serve)
-            if ready:
-                log.info("%s", ready)
+            for server in servers:
+                await nursery.start(server.serve)
+            log.info("ready: %s", ", ".join(str(s.path) for s in servers))
             async for signum in signals:
                 log.info("%s: stopping", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -511,9 +504,6 @@ example: trace QEMU's negotiation with a vdev disk
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from vdev.protocol.describe import known_request_names
-    from vdev.trace import TraceOptions
-
     only = None
     if args.only is not None:
         only = frozenset(name.upper() for name in args.only)
@@ -536,7 +526,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 async def _trace_until_signal(tracer: Tracer) -> None:
     await tracer.check_backend()
-    await _serve_until_signal([tracer.serve])
+    await _serve_until_signal([tracer])
 
 
 BENCH_EPILOG = """\

@@ -69,6 +69,11 @@ class Tracer:
         self.options = options
         self.connections = 0
 
+    @property
+    def path(self) -> Path:
+        """The socket the front-ends connect to."""
+        return self.options.listen
+
     async def check_backend(self) -> None:
         """Fail now if the back-end's socket does not accept connections."""
         sock = await self._connect_backend()
