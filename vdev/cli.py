@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import logging
@@ -23,8 +24,10 @@ from vdev.config import ConfigError, DeviceSpec, build_device, load_config
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.net import format_mac, parse_mac
 from vdev.plugins import PluginError, plugins
+from vdev.protocol.describe import known_request_names
 from vdev.qemu import ACCELS, QemuError, mem_mib, render_args
 from vdev.server import DeviceServer, ServerError
+from vdev.trace import DEVICE_FEATURES, TraceError, TraceOptions, Tracer
 from vdev.trioutil import unwrap_single
 from vdev.units import parse_size
 
@@ -161,6 +164,11 @@ def _build_parser() -> Parser:
         "Python threads share one lock, so more only pay off for backends that wait "
         "outside it); a NIC always has one per queue pair",
     )
+    run.add_argument(
+        "--trace",
+        action="store_true",
+        help="log every vhost-user message of the sessions, decoded (one line each)",
+    )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")
     blk = run.add_argument_group("block backends")
@@ -241,6 +249,36 @@ def _build_parser() -> Parser:
         help="print libvirt domain XML (memory, memoryBacking, the device) instead",
     )
     qemu.set_defaults(func=_cmd_qemu_args)
+
+    trace = sub.add_parser(
+        "trace",
+        help="show what a vhost-user front-end and back-end say to each other",
+        description="Listen on --listen for a front-end (QEMU, DPDK virtio-user, ...) and\n"
+        "connect to the back-end listening on --connect, once per front-end connection.\n"
+        "Every message and fd is forwarded unchanged both ways and printed decoded:\n"
+        "direction, request, flags, payload fields, fds, time since the previous message.\n"
+        "Malformed messages are printed as errors with their bytes in hex.",
+        epilog=TRACE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    trace.add_argument("--listen", type=Path, required=True, help="socket the front-end uses")
+    trace.add_argument("--connect", type=Path, required=True, help="the back-end's socket")
+    trace.add_argument("--json", action="store_true", help="one JSON object per line")
+    trace.add_argument(
+        "--only",
+        type=_names,
+        metavar="NAME,...",
+        help="print only these requests, e.g. SET_MEM_TABLE,GET_FEATURES (errors always)",
+    )
+    trace.add_argument(
+        "--device",
+        choices=sorted(DEVICE_FEATURES),
+        help="name the device-specific feature bits of this device type",
+    )
+    trace.add_argument(
+        "--output", type=Path, metavar="FILE", help="write the trace to FILE (default stdout)"
+    )
+    trace.set_defaults(func=_cmd_trace)
 
     demo = sub.add_parser(
         "demo",
@@ -387,7 +425,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             devices[-1].queue_threads = args.queue_threads
         _tune_gc()
         servers = [
-            DeviceServer(d, s.socket, client=s.client, poll_max=args.poll_us * 1e-6)
+            DeviceServer(
+                d, s.socket, client=s.client, poll_max=args.poll_us * 1e-6, trace=args.trace
+            )
             for d, s in zip(devices, specs, strict=True)
         ]
         trio.run(_serve_until_signal, servers)
@@ -397,7 +437,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signal(servers: Sequence[DeviceServer]) -> None:
+async def _serve_until_signal(servers: Sequence[DeviceServer | Tracer]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, unwrap_single():
         async with trio.open_nursery() as nursery:
             for server in servers:
@@ -489,6 +529,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+TRACE_EPILOG = """\
+example: trace QEMU's negotiation with a vdev disk
+  vdev run blk --socket /tmp/disk.sock --backend file --path disk.img &
+  vdev trace --listen /tmp/trace.sock --connect /tmp/disk.sock --device blk
+  # then start QEMU on /tmp/trace.sock (vdev qemu-args blk --socket /tmp/trace.sock)
+"""
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    only = None
+    if args.only is not None:
+        only = frozenset(name.upper() for name in args.only)
+        if unknown := sorted(only - known_request_names()):
+            raise ConfigError(f"--only: unknown request {', '.join(unknown)}")
+    try:
+        output = sys.stdout if args.output is None else args.output.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot open {args.output}: {exc.strerror}") from None
+    options = TraceOptions(args.listen, args.connect, output, args.json, only, args.device)
+    tracer = Tracer(options)
+    try:
+        trio.run(_trace_until_signal, tracer)
+    finally:
+        if output is not sys.stdout:
+            with contextlib.suppress(OSError):  # reported already, if it failed
+                output.close()
+    return 0
+
+
+async def _trace_until_signal(tracer: Tracer) -> None:
+    await tracer.check_backend()
+    await _serve_until_signal([tracer])
+
+
 BENCH_EPILOG = """\
 blk targets: vdev (the file backend in a `vdev run` daemon, in-process), qsd
   (qemu-storage-daemon, the reference), builtin (QEMU's own virtio-blk), driver-map and
@@ -578,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ServerError, QemuError) as exc:
+    except (ConfigError, ServerError, QemuError, TraceError) as exc:
         print(f"vdev {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

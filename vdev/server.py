@@ -40,8 +40,9 @@ from vdev.protocol import (
     VringAddress,
     VringState,
 )
+from vdev.protocol.describe import SessionTrace
 from vdev.virtio.errors import VirtioError
-from vdev.virtio.features import TRANSPORT_FEATURES
+from vdev.virtio.features import TRANSPORT_FEATURES, VirtioFeature
 from vdev.virtio.inflight import InflightBuffer
 from vdev.virtio.memory import GuestMemory
 from vdev.vring import Vring
@@ -174,6 +175,7 @@ class Session:
         name: str,
         errors: ErrorLog,
         poll_max: float = POLL_MAX,
+        trace: bool = False,
     ) -> None:
         self.device = device
         self.sock = sock
@@ -195,6 +197,7 @@ class Session:
         self.inflight: InflightBuffer | None = None
         #: The back-end channel, once the front-end sent SET_BACKEND_REQ_FD.
         self.backend_link: BackendLink | None = None
+        self.trace = SessionTrace(name, (VirtioFeature,)) if trace else None
 
     async def run(self) -> None:
         """Serve the front-end until it disconnects or breaks the protocol."""
@@ -245,6 +248,8 @@ class Session:
                 else:
                     log.info("%s: front-end disconnected", self.name)
                 return
+            if self.trace is not None:
+                self.trace.received(data, fds, time.monotonic())
             self.conn.receive_data(data, fds)
             try:
                 if not await self._process_events():
@@ -281,7 +286,10 @@ class Session:
             await self._send()
 
     async def _send(self) -> None:
-        await send_with_fds(self.sock, self.conn.data_to_send(), self.conn.fds_to_send())
+        data, fds = self.conn.data_to_send(), self.conn.fds_to_send()
+        if self.trace is not None and data:
+            self.trace.sent(data, time.monotonic(), fds)
+        await send_with_fds(self.sock, data, fds)
 
     # --- request handlers ------------------------------------------------------------
 
@@ -562,9 +570,12 @@ class DeviceServer:
         client: bool = False,
         mode: int = 0o600,
         poll_max: float = POLL_MAX,
+        trace: bool = False,
     ) -> None:
         self.device = device
         self.path = Path(path)
+        #: Log every vhost-user message of the sessions, decoded (`vdev run --trace`).
+        self.trace = trace
         self.client = client
         #: Longest adaptive spin of the queue workers (seconds; 0: never spin).
         self.poll_max = poll_max
@@ -659,7 +670,7 @@ class DeviceServer:
         with sock:
             try:
                 self.session = Session(
-                    self.device, sock, str(self.path), self.errors, self.poll_max
+                    self.device, sock, str(self.path), self.errors, self.poll_max, self.trace
                 )
                 await self.session.run()
             except Exception:
@@ -715,39 +726,45 @@ class DeviceServer:
             return await self.config_changed()
 
     async def _bind(self) -> trio.socket.SocketType:
-        await self._remove_stale_socket()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(str(self.path))
-            os.chmod(self.path, self.mode)
-            sock.listen(1)
-        except OSError as exc:
-            sock.close()
-            raise ServerError(f"cannot listen on {self.path}: {exc.strerror}") from exc
-        return sock
-
-    async def _remove_stale_socket(self) -> None:
-        try:
-            st = self.path.lstat()
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ServerError(f"{self.path} exists and is not a socket; refusing to replace it")
-        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with probe:
-            try:
-                await probe.connect(str(self.path))
-            except OSError as exc:
-                if exc.errno != errno.ECONNREFUSED:
-                    raise ServerError(f"cannot check {self.path}: {exc.strerror}") from exc
-                log.info("%s: removing a stale socket", self.path)
-                self.path.unlink()
-                return
-        raise ServerError(f"{self.path} is in use by a running vhost-user back-end")
+        return await listen_unix(self.path, self.mode)
 
     def _unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+async def listen_unix(path: Path, mode: int = 0o600) -> trio.socket.SocketType:
+    """A Unix socket listening on `path`, replacing a stale socket, never a live one."""
+    await _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot listen on {path}: {exc.strerror}") from exc
+    return sock
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            await probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno != errno.ECONNREFUSED:
+                raise ServerError(f"cannot check {path}: {exc.strerror}") from exc
+            log.info("%s: removing a stale socket", path)
+            path.unlink()
+            return
+    raise ServerError(f"{path} is in use by a running vhost-user back-end")
 
 
 def _close_all(fds: Sequence[int]) -> None:

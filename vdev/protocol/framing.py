@@ -47,8 +47,11 @@ def request_name(request: int) -> Request | None:
 class FrameReader:
     """Splits a byte stream (plus fds) into RawMessages."""
 
-    def __init__(self, max_payload_size: int = MAX_PAYLOAD_SIZE) -> None:
+    def __init__(
+        self, max_payload_size: int = MAX_PAYLOAD_SIZE, *, check_version: bool = True
+    ) -> None:
         self._max_payload_size = max_payload_size
+        self._check_version = check_version
         self._buffer = bytearray()
         self._offset = 0  # stream offset of self._buffer[0]
         self._fds: deque[tuple[int, tuple[int, ...]]] = deque()  # (chunk offset, fds)
@@ -62,13 +65,14 @@ class FrameReader:
     def next_message(self) -> RawMessage | None:
         """The next complete message, or None if more bytes are needed.
 
-        Raises a fatal RemoteProtocolError for a bad version or an absurd size; the
-        reader stays in that state (the stream cannot be resynchronised).
+        Raises a fatal RemoteProtocolError for a bad version (unless ``check_version``
+        is off: a tracer reports it and reads on) or an absurd size; the reader stays in
+        that state (the stream cannot be resynchronised).
         """
         if len(self._buffer) < HEADER.size:
             return None
         request, flags, size = HEADER.unpack_from(self._buffer)
-        if flags & VERSION_MASK != HeaderFlag.VERSION:
+        if self._check_version and flags & VERSION_MASK != HeaderFlag.VERSION:
             raise RemoteProtocolError(
                 f"bad protocol version {flags & VERSION_MASK} in flags 0x{flags:x}",
                 request=request_name(request),
@@ -88,6 +92,11 @@ class FrameReader:
         del self._buffer[:end]
         self._offset += end
         return RawMessage(request, flags, payload, tuple(fds))
+
+    @property
+    def buffered(self) -> bytes:
+        """The bytes received but not yet returned as a message."""
+        return bytes(self._buffer)
 
     def take_fds(self) -> list[int]:
         """Hand over every fd received but not yet attached to a returned message."""
