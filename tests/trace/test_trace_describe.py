@@ -18,6 +18,7 @@ from vdev.protocol import (
     DeviceConfig,
     FrontendConnection,
     HeaderFlag,
+    InflightDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -76,6 +77,8 @@ def _fds_for(req: Request, payload: object) -> tuple[int, ...]:
             return tuple(range(10, 10 + len(regions)))
         case VringFile(fd_present=True) | MemoryRegionUpdate() if req is not Request.REM_MEM_REG:
             return (10,)
+    if req in (Request.SET_BACKEND_REQ_FD, Request.SET_INFLIGHT_FD):
+        return (10,)
     return ()
 
 
@@ -85,6 +88,8 @@ def fields(record: Record) -> dict[str, object]:
     return record.json()["fields"]  # type: ignore[return-value]
 
 
+INFLIGHT_FIELDS = {"mmap_size": "0x0", "mmap_offset": "0x0", "num_queues": 1, "queue_size": 128}
+INFLIGHT_FIELDS2 = {**INFLIGHT_FIELDS, "mmap_size": "0x2000"}
 FRONTEND_REQUESTS: list[tuple[Request, object, dict[str, object]]] = [
     (Request.GET_FEATURES, None, {}),
     (
@@ -153,6 +158,9 @@ FRONTEND_REQUESTS: list[tuple[Request, object, dict[str, object]]] = [
         },
     ),
     (Request.GET_STATUS, None, {}),
+    (Request.SET_BACKEND_REQ_FD, None, {}),
+    (Request.GET_INFLIGHT_FD, InflightDescription(0, 0, 1, 128), INFLIGHT_FIELDS),
+    (Request.SET_INFLIGHT_FD, InflightDescription(8192, 0, 1, 128), INFLIGHT_FIELDS2),
 ]
 
 

@@ -33,6 +33,7 @@ from .framing import HEADER, FrameReader, RawMessage
 from .messages import (
     U64,
     DeviceConfig,
+    InflightDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -289,6 +290,13 @@ def _kind_layout(kind: PayloadKind) -> Layout:
                     "flags": ConfigType(flags).name if known else flags,
                     "data": config,
                 }
+            case InflightDescription() as d:
+                return {
+                    "mmap_size": hex(d.mmap_size),
+                    "mmap_offset": hex(d.mmap_offset),
+                    "num_queues": d.num_queues,
+                    "queue_size": d.queue_size,
+                }
         raise AssertionError(f"no description for {payload!r}")
 
     return layout
@@ -351,14 +359,6 @@ def _config_reply(request: Request | BackendRequest | int, data: bytes, ctx: Con
 
 
 _LOG = _struct_layout("=QQ", "mmap_size", "mmap_offset", hex_names=("mmap_size", "mmap_offset"))
-_INFLIGHT = _struct_layout(
-    "=QQHH4x",
-    "mmap_size",
-    "mmap_offset",
-    "num_queues",
-    "queue_size",
-    hex_names=("mmap_size", "mmap_offset"),
-)
 _IOTLB = _struct_layout(
     "=QQQBB6x", "iova", "size", "user_addr", "perm", "type", hex_names=("iova", "size", "user_addr")
 )
@@ -367,11 +367,8 @@ _IOTLB = _struct_layout(
 _EXTRA_REQUESTS: dict[Request, tuple[Layout, Layout]] = {
     Request.SET_LOG_BASE: (_LOG, _ack),
     Request.SET_LOG_FD: (_NONE, _ack),
-    Request.SET_BACKEND_REQ_FD: (_NONE, _ack),
     Request.SET_VRING_ENDIAN: (_VRING_STATE, _ack),
     Request.IOTLB_MSG: (_IOTLB, _ack),
-    Request.GET_INFLIGHT_FD: (_INFLIGHT, _INFLIGHT),
-    Request.SET_INFLIGHT_FD: (_INFLIGHT, _ack),
     Request.GET_SHARED_OBJECT: (_uuid, _U64),
     Request.SET_DEVICE_STATE_FD: (_struct_layout("=II", "direction", "phase"), _U64),
     Request.CHECK_DEVICE_STATE: (_NONE, _U64),
