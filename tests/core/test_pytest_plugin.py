@@ -23,6 +23,10 @@ SECTOR = 512
 INNER_INI = "[tool.pytest.ini_options]\ntrio_mode = true\n"
 
 
+# Inner runs go without faulthandler: its enable/disable in this process would replace
+# vdev's SIGBUS guard (vdev.virtio.faults), and a later guest-memory fault test dies.
+
+
 def capacity(config: bytes) -> int:
     return int.from_bytes(config[:8], "little") * SECTOR
 
@@ -152,13 +156,13 @@ def nothing_installed(inner, monkeypatch, tmp_path: Path) -> pytest.Pytester:
 
 
 def test_missing_requirements_skip_with_their_reasons(nothing_installed) -> None:
-    result = nothing_installed.runpytest("-rs")
+    result = nothing_installed.runpytest("-p", "no:faulthandler", "-rs")
     result.assert_outcomes(passed=1, skipped=4)
     result.stdout.fnmatch_lines(MISSING, consecutive=False)
 
 
 def test_require_all_turns_the_skips_into_failures(nothing_installed) -> None:
-    result = nothing_installed.runpytest("--vdev-require-all")
+    result = nothing_installed.runpytest("-p", "no:faulthandler", "--vdev-require-all")
     result.assert_outcomes(passed=1, errors=4)
     result.stdout.fnmatch_lines(["*requires_qemu: qemu-system-x86_64 not installed*"])
     result.stdout.fnmatch_lines(["*requires_root: needs root*--vdev-require-all*"])
@@ -168,11 +172,11 @@ def test_require_all_turns_the_skips_into_failures(nothing_installed) -> None:
 @pytest.mark.requires_qemu
 def test_a_met_requirement_runs_the_test(inner) -> None:
     inner.makepyfile("import pytest\n\n@pytest.mark.requires_qemu\ndef test_it():\n    pass\n")
-    inner.runpytest("--vdev-require-all").assert_outcomes(passed=1)
+    inner.runpytest("-p", "no:faulthandler", "--vdev-require-all").assert_outcomes(passed=1)
 
 
 def test_markers_are_registered(inner) -> None:
-    result = inner.runpytest("--markers")
+    result = inner.runpytest("-p", "no:faulthandler", "--markers")
     for marker in ("requires_qemu", "requires_root", "requires_testpmd"):
         result.stdout.fnmatch_lines([f"@pytest.mark.{marker}:*"])
 
@@ -188,7 +192,7 @@ def test_a_daemon_that_dies_fails_the_test_with_its_log(inner) -> None:
             await daemon.process.wait()
         """
     )
-    result = inner.runpytest()
+    result = inner.runpytest("-p", "no:faulthandler")
     result.assert_outcomes(failed=1)  # pytest-trio: fixture teardown is part of the test
     result.stdout.fnmatch_lines(["*vdev run died during the test (status -9); its log*"])
 
@@ -200,7 +204,7 @@ def test_a_daemon_refusing_its_options_fails_the_test_with_its_log(inner) -> Non
             await vdev_daemon("blk", "--backend", "no-such-backend")
         """
     )
-    result = inner.runpytest()
+    result = inner.runpytest("-p", "no:faulthandler")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         ["*vdev run exited (status 2) before serving*", "*no-such-backend*"]
@@ -216,6 +220,6 @@ def test_a_bad_config_file_is_named(inner) -> None:
             await vdev_daemon("--config", str(tmp_path / "devices.toml"))
         """
     )
-    result = inner.runpytest()
+    result = inner.runpytest("-p", "no:faulthandler")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*vdev_daemon: *devices.toml: device #1: 'type'*required*"])
