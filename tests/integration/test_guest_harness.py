@@ -41,6 +41,12 @@ VHOST_USER_VERSION = 1
 TEMPLATE_PARAMS = {
     "memory": {"mem_size": "512M"},
     "vdev-blk": {"id": "blk0", "socket": "/run/vdev/blk0.sock", "queues": 2},
+    "vdev-blk-reconnect": {
+        "id": "blk0",
+        "socket": "/run/vdev/blk0.sock",
+        "queues": 1,
+        "packed": False,
+    },
     "vdev-net": {"id": "net0", "socket": "/run/vdev/net0.sock", "queues": 2, "mq": True},
     "builtin-blk": {"id": "disk0", "path": "/var/tmp/disk.img", "queues": 1, "direct": True},
     "builtin-net-tap": {"id": "net0", "tap": "tap0", "queues": 1, "mq": False},
