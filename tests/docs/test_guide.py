@@ -7,14 +7,12 @@ its `pyproject.toml` becomes a dist-info with those entry points, which is what
 `pip install .` would leave behind. Then every `vdev` command of the ```sh blocks is
 run (a `vdev run` must serve a front-end on its socket and stop cleanly on SIGTERM),
 and every `test_*.py` file is run by pytest in that directory.
-
-Blocks preceded by `<!-- guide: needs the vdev pytest plugin -->` use the fixtures of
-vdev's pytest plugin and are skipped while that plugin is not installed.
+The inner pytest runs get `--vdev-require-all` when this run has it, so that a guide
+test needing QEMU or root fails in CI instead of being skipped.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shlex
@@ -30,14 +28,11 @@ import pytest
 import trio
 
 from vdev.testing import Frontend
+from vdev.testing.pytest_plugin import REQUIRE_ALL
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "writing-a-backend.md"
-NEEDS_PLUGIN = "<!-- guide: needs the vdev pytest plugin -->"
-_BLOCK = re.compile(
-    rf"^(?P<mark>{re.escape(NEEDS_PLUGIN)}\n)?```(?P<lang>\w*)\n(?P<text>.*?)^```",
-    re.MULTILINE | re.DOTALL,
-)
+_BLOCK = re.compile(r"^```(?P<lang>\w*)\n(?P<text>.*?)^```", re.MULTILINE | re.DOTALL)
 _FILE = re.compile(r"# file: (\S+)\n")
 
 
@@ -45,7 +40,6 @@ _FILE = re.compile(r"# file: (\S+)\n")
 class Block:
     lang: str
     text: str
-    needs_plugin: bool
 
     @property
     def file(self) -> str | None:
@@ -53,26 +47,16 @@ class Block:
         return match.group(1) if match else None
 
 
-@dataclass
-class GuideFile:
-    text: str = ""
-    needs_plugin: bool = False
-
-
 def guide_blocks() -> list[Block]:
-    return [
-        Block(m["lang"], m["text"], m["mark"] is not None)
-        for m in _BLOCK.finditer(GUIDE.read_text())
-    ]
+    return [Block(m["lang"], m["text"]) for m in _BLOCK.finditer(GUIDE.read_text())]
 
 
-def guide_files() -> dict[str, GuideFile]:
-    files: dict[str, GuideFile] = {}
+def guide_files() -> dict[str, str]:
+    """File name -> text, the blocks naming the same file appended in order."""
+    files: dict[str, str] = {}
     for block in guide_blocks():
         if block.file is not None:
-            entry = files.setdefault(block.file, GuideFile())
-            entry.text += _FILE.sub("", block.text, count=1)
-            entry.needs_plugin |= block.needs_plugin
+            files[block.file] = files.get(block.file, "") + _FILE.sub("", block.text, count=1)
     return files
 
 
@@ -86,19 +70,12 @@ def guide_commands() -> list[str]:
     ]
 
 
-def pytest_plugin_installed() -> bool:
-    return any(
-        ep.dist is not None and ep.dist.name == "vdev"
-        for ep in importlib.metadata.entry_points(group="pytest11")
-    )
-
-
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
     """The guide's package, written out and registered as installed."""
     directory = tmp_path_factory.mktemp("guide")
-    for name, entry in guide_files().items():
-        (directory / name).write_text(entry.text)
+    for name, text in guide_files().items():
+        (directory / name).write_text(text)
     project = tomllib.loads((directory / "pyproject.toml").read_text())["project"]
     dist = directory / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
     dist.mkdir()
@@ -172,13 +149,13 @@ async def test_command(command, env, package, tmp_path):
 
 
 @pytest.mark.parametrize("name", [n for n in guide_files() if n.startswith("test_")])
-def test_guide_tests_pass(name, env, package, tmp_path):
-    if guide_files()[name].needs_plugin and not pytest_plugin_installed():
-        pytest.skip("pytest plugin not installed")
+def test_guide_tests_pass(name, env, package, tmp_path, request):
+    require_all = [REQUIRE_ALL] if request.config.getoption(REQUIRE_ALL) else []
     result = subprocess.run(
         [
             *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"),
             f"--basetemp={tmp_path / 'inner'}",
+            *require_all,
             name,
         ],
         capture_output=True,
