@@ -734,16 +734,27 @@ class DeviceServer:
 
 
 async def listen_unix(path: Path, mode: int = 0o600) -> trio.socket.SocketType:
-    """A Unix socket listening on `path`, replacing a stale socket, never a live one."""
+    """A Unix socket listening on `path`, replacing a stale socket, never a live one.
+
+    The socket is bound and listening under a temporary name (`.NAME~` beside it) and
+    then renamed, so that whoever sees `path` appear can connect at once.
+    """
     await _remove_stale_socket(path)
+    staging = path.with_name(f".{path.name}~")
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(str(path))
-        os.chmod(path, mode)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(staging.lstat().st_mode):
+                staging.unlink()  # left by a daemon that was killed while starting
+        await sock.bind(str(staging))
+        os.chmod(staging, mode)
         sock.listen(1)
+        os.rename(staging, path)
     except OSError as exc:
         sock.close()
-        raise ServerError(f"cannot listen on {path}: {exc.strerror}") from exc
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        raise ServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return sock
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -68,16 +67,6 @@ async def test_each_guest_image_is_built_once_per_session(monkeypatch, tmp_path:
         {"extra_binaries": (), "extra_modules": ()},
         {"extra_binaries": (), "extra_modules": ("virtio-rng",)},
     ]
-
-
-def test_a_socket_counts_as_served_once_it_listens(vdev_socket_dir: Path) -> None:
-    path = vdev_socket_dir / "s.sock"
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(path))
-        assert path.exists() and not pytest_plugin._listening([path])
-        sock.listen(1)
-        assert pytest_plugin._listening([path])
-        assert not pytest_plugin._listening([path, vdev_socket_dir / "other.sock"])
 
 
 def test_as_device_rejects_what_is_not_a_device_or_backend() -> None:

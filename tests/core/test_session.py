@@ -165,3 +165,25 @@ async def test_stale_socket_replaced_live_one_refused(sock_path):
         with pytest.raises(ServerError, match="in use"):
             await DeviceServer(EchoDevice(), sock_path).serve()
     assert not sock_path.exists()
+
+
+async def test_the_socket_appears_only_once_it_listens(sock_path):
+    from vdev.server import listen_unix
+
+    staging = sock_path.with_name(f".{sock_path.name}~")
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(staging))
+    left.close()  # a daemon killed while starting left its staging name behind
+    with await listen_unix(sock_path):
+        assert sock_path.is_socket() and not staging.exists()
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(sock_path))  # no window in which the file refuses
+
+
+async def test_a_failed_listen_leaves_no_file(tmp_path):
+    from vdev.server import ServerError, listen_unix
+
+    path = tmp_path / "missing-dir" / "dev.sock"
+    with pytest.raises(ServerError, match="cannot listen on"):
+        await listen_unix(path)
+    assert not path.parent.exists()

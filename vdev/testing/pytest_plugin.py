@@ -238,19 +238,10 @@ def _option(args: Sequence[str], name: str) -> str | None:
     return value
 
 
-_PROC_NET_UNIX = Path("/proc/net/unix")
-_SO_ACCEPTCON = 0x10000  # the Flags of a listening socket in /proc/net/unix
-
-
 def _listening(paths: Sequence[Path]) -> bool:
-    """Whether every one of `paths` is a listening Unix socket. (Its file appears at
-    bind(), before listen(): a front-end connecting in between is refused.)"""
-    bound = set()
-    for line in _PROC_NET_UNIX.read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
-            bound.add(os.path.abspath(fields[7]))
-    return all(os.path.abspath(path) in bound for path in paths)
+    """Whether every one of `paths` is a socket (vdev renames a socket into place once
+    it listens: see `vdev.server.listen_unix`)."""
+    return all(path.is_socket() for path in paths)
 
 
 @dataclass
