@@ -733,14 +733,14 @@ class DeviceServer:
             self.path.unlink()
 
 
-async def listen_unix(path: Path, mode: int = 0o600) -> trio.socket.SocketType:
+async def listen_unix(path: Path, mode: int = 0o600, backlog: int = 1) -> trio.socket.SocketType:
     """A Unix socket listening on `path`, replacing a stale socket, never a live one."""
     await _remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
         os.chmod(path, mode)
-        sock.listen(1)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise ServerError(f"cannot listen on {path}: {exc.strerror}") from exc
