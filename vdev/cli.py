@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import shlex
 import signal
@@ -393,7 +394,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     message: dict[str, object] = {"cmd": args.action}
     device = getattr(args, "device", None)
     if device is not None:  # a relative socket path means one relative to us, not the daemon
-        message["device"] = str(Path(device).absolute()) if "/" in device else device
+        message["device"] = os.path.abspath(device) if "/" in device else device
     if args.action == "resize":
         message["size"] = args.size
     elif args.action == "link":

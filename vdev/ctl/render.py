@@ -80,7 +80,8 @@ def _device_stats(d: Mapping[str, Any]) -> str:
     lines += _wrapped("counters:", [f"{k}={v}" for k, v in d["counters"].items()])
     queues = d["queues"]
     if queues:
-        keys = [k for k in queues[0] if k not in _QUEUE_SKIP]
+        # Why a queue failed is long: last.
+        keys = [k for k in queues[0] if k not in _QUEUE_SKIP and k != "failure"] + ["failure"]
         headers = [("QUEUE" if k == "index" else k.upper().replace("_", "-")) for k in keys]
         rows = [[q.get(k) for k in keys] for q in queues]
         lines += ["  " + line for line in table(headers, rows)]

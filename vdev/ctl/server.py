@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,8 @@ MAX_CLIENTS = 64
 LINE_TIMEOUT = 10.0
 #: Seconds a connection may sit idle between requests.
 IDLE_TIMEOUT = 600.0
-_BACKLOG = 16
+#: Connections the kernel queues before we accept them (a burst of `vdev ctl` calls).
+_BACKLOG = 128
 
 
 def default_control_path(device_socket: Path) -> Path:
@@ -165,7 +167,7 @@ class ControlServer:
     def _find(self, name: str) -> ManagedDevice:
         for managed in self.devices:
             path = managed.server.path
-            if name in (managed.name, str(path), str(path.absolute())):
+            if name in (managed.name, str(path), os.path.abspath(path)):
                 return managed
         known = ", ".join(d.name for d in self.devices)
         raise RequestError(f"unknown device {name!r} (devices: {known})")
