@@ -58,6 +58,7 @@ async def test_vdev_ctl_reports_and_resizes_a_served_disk(tmp_path: Path, vdev_d
     async with Frontend.connect(daemon.socket) as fe:
         await fe.negotiate()
         queue = await fe.setup_queue(0)
+        await trio.sleep(0.05)  # the worker is asleep: the first request kicks
         for n in range(7):
             assert await transact(queue, write(8 * n, os.urandom(4096))) == Status.OK
         for n in range(4):

@@ -16,6 +16,8 @@ from vdev.protocol import BackendRequest
 from vdev.testing.frontend import Frontend
 
 MiB = 1 << 20
+#: Long enough for a queue worker to be asleep, waiting for a kick (it spins 50 us).
+IDLE = 0.05
 
 
 async def test_stats_count_what_the_front_end_sent(vdev_socket_dir: Path) -> None:
@@ -30,10 +32,12 @@ async def test_stats_count_what_the_front_end_sent(vdev_socket_dir: Path) -> Non
         await fe.negotiate()
         q0, q1 = await fe.setup_queue(0), await fe.setup_queue(1)
         for n in range(5):
+            await trio.sleep(IDLE if n == 0 else 0)  # the worker sleeps: this one kicks
             assert await transact(q0, write(8 * n, os.urandom(4096))) == Status.OK
         for n in range(3):
             assert await transact(q0, read(8 * n)) == Status.OK
         for n in range(2):
+            await trio.sleep(IDLE if n == 0 else 0)
             assert await transact(q1, read(8 * n)) == Status.OK
         assert await transact(q1, read(MiB // SECTOR)) == Status.IOERR  # past the end
 
