@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,42 @@ async def test_vdev_ctl_reports_and_resizes_a_served_disk(tmp_path: Path, vdev_d
         assert disk.stat().st_size == 4 * MiB and len(fe.backend_requests) == 1
 
 
+async def test_vdev_ctl_counts_frames_and_sets_a_nics_link(vdev_daemon) -> None:
+    daemon = await vdev_daemon("net", "--backend", "echo", "-o", "config_space=on")
+    sock, name = str(daemon.socket), daemon.socket.stem
+    frames = [bytes(6) + bytes.fromhex("525400000001") + b"\x88\xb5" + bytes(50 + n)
+              for n in range(3)]  # fmt: skip
+    async with Frontend.connect(daemon.socket) as fe:
+        await fe.negotiate()
+        rx, tx = await fe.setup_queue(0), await fe.setup_queue(1)
+        for _ in frames:
+            rx.add([], [2048])
+        rx.kick()
+        for frame in frames:
+            tx.add([bytes(12) + frame], [])  # a virtio-net header, then the frame
+        tx.kick()
+        await tx.wait_used(3)
+        await rx.wait_used(3)  # the echo backend sent them back
+
+        [nic] = (await ctl_json("--socket", sock, "stats"))["devices"]
+        size = sum(len(f) for f in frames)
+        assert nic["type"] == "net" and "STATUS" in nic["features"]["names"]
+        assert nic["counters"]["tx_frames"] == nic["counters"]["rx_frames"] == 3
+        assert nic["counters"]["tx_bytes"] == nic["counters"]["rx_bytes"] == size
+        assert nic["counters"]["drops"] == 0
+        assert [(q["index"], q["requests"], q["bytes"]) for q in nic["queues"]] == [
+            (0, 3, size),
+            (1, 3, size),
+        ]
+
+        result = await vdev_ctl("--socket", sock, "link", name, "down")
+        assert result.stdout.decode().strip() == f"{name}: link down; the front-end was told"
+        [msg] = await fe.wait_backend_requests(1)
+        assert msg.request is BackendRequest.CONFIG_CHANGE_MSG
+        _mac, status = struct.unpack_from("<6sH", await fe.get_config(0, 8))
+        assert status == 0  # VIRTIO_NET_S_LINK_UP cleared
+
+
 async def test_hostile_control_clients_change_nothing(tmp_path: Path, vdev_daemon) -> None:
     daemon = await vdev_daemon("blk", "--backend", "ram", "--size", "1M")
     control = Path(f"{daemon.socket}.ctl")
@@ -167,8 +205,6 @@ async def test_ctl_errors_are_one_line(tmp_path: Path, vdev_daemon) -> None:
     daemon = await vdev_daemon("blk", "--backend", "ram", "--size", "1M")
     sock = str(daemon.socket)
     stale = tmp_path / "stale.sock"
-    import socket
-
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(stale))  # a socket file nobody listens on
     cases = [
