@@ -240,7 +240,8 @@ class QueueWorker:
                 return True
             if self._has_work():
                 for vring in self._rings:
-                    vring.polls += self._ring_has_work(vring)
+                    if self._ring_has_work(vring):
+                        vring.polls += 1
                 return True
             os.sched_yield()
         return False

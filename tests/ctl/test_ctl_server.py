@@ -200,3 +200,36 @@ async def test_hostile_clients_change_nothing(vdev_socket_dir: Path) -> None:
         assert after["counters"]["requests"] == before["counters"]["requests"] + 1
         assert device.backend.size == MiB and fe.backend_requests == []
         assert await transact(queue, read(0)) == Status.OK
+
+
+async def test_a_line_trickling_in_is_cut_off(vdev_socket_dir: Path) -> None:
+    """The time limit covers the whole line, not each byte of it."""
+    device = BlkDevice(RamBackend(MiB))
+    async with controlled(device, vdev_socket_dir, line_timeout=0.5) as (_, control):
+        stream = await connect(control.path)
+        async with stream:
+            replies = Replies(stream)
+            with trio.fail_after(5):
+                for byte in b'{"cmd": "list"' * 100:
+                    try:
+                        await stream.send_all(bytes([byte]))
+                    except trio.BrokenResourceError:
+                        break
+                    await trio.sleep(0.05)
+            assert "unfinished after 0.5s" in (await replies.reply())["error"]
+            assert await replies.line() == b""
+
+
+class BrokenStatsDisk(BlkDevice):
+    def stats(self) -> dict[str, int]:
+        raise RuntimeError("a bug")
+
+
+async def test_an_internal_error_is_an_error_reply(vdev_socket_dir: Path) -> None:
+    async with controlled(BrokenStatsDisk(RamBackend(MiB)), vdev_socket_dir) as (_, control):
+        reply = await ask(control.path, {"cmd": "stats"})
+        assert reply == {
+            "ok": False,
+            "error": "internal error (RuntimeError: a bug); see the daemon's log",
+        }
+        assert (await ask(control.path, {"cmd": "list"}))["ok"]

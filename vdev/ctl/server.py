@@ -113,6 +113,8 @@ class ControlServer:
 
     async def _converse(self, stream: trio.SocketStream) -> None:
         lines = LineBuffer(MAX_LINE)
+        #: When the unfinished line in `lines` began to arrive (None: nothing pending).
+        started: float | None = None
         while True:
             try:
                 line = lines.next_line()
@@ -123,13 +125,19 @@ class ControlServer:
                 if not await self._send(stream, await self.answer(line)):
                     return
                 continue
-            data = b""
-            with trio.move_on_after(self.line_timeout if lines.pending else self.idle_timeout):
+            if not lines.pending:
+                started = None
+            elif started is None:
+                started = trio.current_time()
+            if started is None:
+                deadline = trio.current_time() + self.idle_timeout
+            else:
+                deadline = started + self.line_timeout
+            data = None
+            with trio.move_on_at(deadline):
                 data = await stream.receive_some(MAX_LINE)
-                if not data:
-                    return  # the client closed the connection
-            if not data:  # timed out
-                if lines.pending:
+            if not data:  # closed by the client, or timed out
+                if data is None and started is not None:
                     message = f"request unfinished after {self.line_timeout:g}s; closing"
                     await self._send(stream, error(message))
                 return
@@ -148,6 +156,9 @@ class ControlServer:
             return await self._execute(parse_request(line))
         except ValueError as exc:  # a RequestError, or the device said no (resize, link)
             return error(str(exc))
+        except Exception as exc:  # a bug (ours, or a plugin device's stats)
+            log.exception("%s: internal error answering %r", self.path, line[:200])
+            return error(f"internal error ({type(exc).__name__}: {exc}); see the daemon's log")
 
     async def _execute(self, request: Request) -> bytes:
         if isinstance(request, ListDevices):
