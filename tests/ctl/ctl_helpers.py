@@ -27,16 +27,20 @@ SECTOR = 512
 async def controlled(
     device: Device, directory: Path, *, poll_max: float = POLL_MAX, **control_options: Any
 ) -> AsyncIterator[tuple[DeviceServer, ControlServer]]:
-    """`device` served on ``directory/disk0.sock`` (type blk), with a control socket."""
+    """`device` served on ``directory/disk0.sock`` (type blk), with a control socket;
+    the device is closed at the end."""
     server = DeviceServer(device, directory / "disk0.sock", poll_max=poll_max)
     control = ControlServer(
         name_devices([("blk", server)]), default_control_path(server.path), **control_options
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.serve)
-        await nursery.start(server.serve)
-        yield server, control
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve)
+            await nursery.start(server.serve)
+            yield server, control
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
 
 
 async def connect(path: Path) -> trio.SocketStream:

@@ -247,3 +247,24 @@ async def test_run_control_option(tmp_path: Path, vdev_socket_dir: Path, vdev_da
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+async def test_one_control_socket_for_a_config_of_devices(
+    tmp_path: Path, vdev_socket_dir: Path, vdev_daemon
+) -> None:
+    disk, nic = vdev_socket_dir / "disk.sock", vdev_socket_dir / "nic.sock"
+    config = tmp_path / "devices.toml"
+    config.write_text(
+        f'[[device]]\ntype = "blk"\nsocket = "{disk}"\nbackend = "ram"\nsize = "1M"\n'
+        f'[[device]]\ntype = "net"\nsocket = "{nic}"\nbackend = "echo"\n'
+    )
+    await vdev_daemon("--config", str(config))
+    listed = (await ctl_json("--socket", str(disk), "list"))["devices"]
+    assert [(d["name"], d["type"], d["socket"]) for d in listed] == [
+        ("disk", "blk", str(disk)),
+        ("nic", "net", str(nic)),
+    ]
+    [only] = (await ctl_json("--socket", str(disk), "stats", str(nic)))["devices"]
+    assert only["name"] == "nic" and "rx_frames" in only["counters"]
+    refused = await vdev_ctl("--socket", str(disk), "resize", "nic", "2M")
+    assert refused.returncode == 1 and "a NetDevice cannot be resized" in refused.stderr.decode()

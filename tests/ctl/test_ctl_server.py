@@ -11,8 +11,11 @@ from ctl_helpers import SECTOR, Replies, ask, connect, controlled, read, transac
 from vdev_backends.blk_ram import RamBackend
 
 from vdev.ctl.protocol import MAX_LINE
+from vdev.ctl.server import default_control_path, name_devices
+from vdev.devices.base import Device
 from vdev.devices.blk import CONFIG, BlkDevice, Status
 from vdev.protocol import BackendRequest
+from vdev.server import DeviceServer
 from vdev.testing.frontend import Frontend
 
 MiB = 1 << 20
@@ -233,3 +236,16 @@ async def test_an_internal_error_is_an_error_reply(vdev_socket_dir: Path) -> Non
             "error": "internal error (RuntimeError: a bug); see the daemon's log",
         }
         assert (await ask(control.path, {"cmd": "list"}))["ok"]
+
+
+def test_devices_are_named_after_their_sockets() -> None:
+    paths = ["/run/a/disk.sock", "/run/b/disk.sock", "/run/nic0.sock", "rel/x"]
+    servers = [DeviceServer(Device(), path) for path in paths]
+    named = name_devices([("blk", s) for s in servers])
+    assert [(d.name, d.server) for d in named] == [
+        ("/run/a/disk.sock", servers[0]),  # two sockets called disk.sock: their paths
+        ("/run/b/disk.sock", servers[1]),
+        ("nic0", servers[2]),
+        ("x", servers[3]),
+    ]
+    assert default_control_path(Path("/run/nic0.sock")) == Path("/run/nic0.sock.ctl")
