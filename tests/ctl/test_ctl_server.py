@@ -194,8 +194,9 @@ async def test_hostile_clients_change_nothing(vdev_socket_dir: Path) -> None:
         with trio.fail_after(10):
             while ctl.clients < 60:
                 await trio.sleep(0.01)
-        reply = await Replies(await connect(ctl.path)).reply()
-        assert "too many control clients" in reply["error"]
+        refused = await connect(ctl.path)
+        async with refused:
+            assert "too many control clients" in (await Replies(refused).reply())["error"]
         for stream in held:
             await stream.aclose()
 
