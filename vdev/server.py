@@ -743,7 +743,7 @@ async def listen_unix(path: Path, mode: int = 0o600, backlog: int = 1) -> trio.s
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ServerError(f"cannot listen on {path}: {exc.strerror}") from exc
+        raise ServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return sock
 
 

@@ -238,7 +238,11 @@ async def test_run_control_option(tmp_path: Path, vdev_socket_dir: Path, vdev_da
 
     not_a_socket = tmp_path / "file"
     not_a_socket.write_text("")
-    for control, words in [(str(not_a_socket), "not a socket"), ("d.sock", "device socket")]:
+    for control, words in [
+        (str(not_a_socket), "not a socket"),
+        ("d.sock", "device socket"),
+        ("c" * 120, "AF_UNIX path too long"),
+    ]:
         result = subprocess.run(
             [*VDEV, "run", "blk", "--socket", "d.sock", "--backend", "ram", "--size", "1M",
              "--control", control],
