@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import json
 import logging
 import math
+import os
 import resource
 import shlex
 import signal
@@ -21,6 +23,7 @@ import trio
 
 from vdev import __version__
 from vdev.config import ConfigError, DeviceSpec, build_device, load_config
+from vdev.ctl.server import ControlServer, default_control_path, name_devices
 from vdev.domain.spec import DOMAIN_KINDS, MEMORY_POLICIES, DomainSpec
 from vdev.net import format_mac, parse_mac
 from vdev.plugins import PluginError, plugins
@@ -169,6 +172,12 @@ def _build_parser() -> Parser:
         action="store_true",
         help="log every vhost-user message of the sessions, decoded (one line each)",
     )
+    run.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the control socket `vdev ctl` talks to (mode 0600; default: the first device's "
+        "socket path plus .ctl, e.g. /tmp/disk.sock.ctl; none: no control socket)",
+    )
     run.add_argument("--backend", help="backend name (see `vdev backends`)")
     run.add_argument("--queues", type=_positive_int, help="queues (blk) or queue pairs (net)")
     blk = run.add_argument_group("block backends")
@@ -280,6 +289,8 @@ def _build_parser() -> Parser:
     )
     trace.set_defaults(func=_cmd_trace)
 
+    _add_ctl_parser(sub)
+
     demo = sub.add_parser(
         "demo",
         help="boot a Linux guest on vdev devices and show what happened",
@@ -353,6 +364,103 @@ def _build_parser() -> Parser:
     bench.add_argument("--png", type=Path, metavar="FILE", help="draw a bar chart (matplotlib)")
     bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+CTL_EPILOG = """\
+actions:
+  list                     devices: front-end, sessions, queues, requests in flight, domain
+  stats [DEVICE]           state and counters of one device or all, and of their queues
+  resize DEVICE SIZE       give a disk SIZE bytes (e.g. 2G) and tell its front-end
+  link DEVICE up|down      set a NIC's link (NICs served with -o config_space=on)
+
+DEVICE is a name `vdev ctl list` shows (the socket's file name without suffix) or a
+socket path. Exit status: 0 done, 1 the daemon is not there or refused, 2 bad usage.
+
+examples:
+  vdev run blk --socket /tmp/disk.sock --backend file --path disk.img &
+  vdev ctl --socket /tmp/disk.sock list
+  vdev ctl --socket /tmp/disk.sock stats --json
+  vdev ctl --control /tmp/disk.sock.ctl resize disk 2G
+"""
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from vdev.ctl.client import CtlError, request
+    from vdev.ctl.render import render_reply
+
+    if (args.control is None) == (args.socket is None):
+        raise ConfigError("give the daemon's --control PATH or its device --socket PATH")
+    path = args.control or default_control_path(args.socket)
+    message: dict[str, object] = {"cmd": args.action}
+    device = getattr(args, "device", None)
+    if device is not None:  # a relative socket path means one relative to us, not the daemon
+        message["device"] = os.path.abspath(device) if "/" in device else device
+    if args.action == "resize":
+        message["size"] = args.size
+    elif args.action == "link":
+        message["up"] = args.state == "up"
+    try:
+        reply = request(path, message)
+    except CtlError as exc:
+        print(f"vdev ctl: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else render_reply(args.action, reply))
+    return 0
+
+
+def _ctl_options(parser: argparse.ArgumentParser, *, after_action: bool = False) -> None:
+    """--control, --socket, --json: accepted before and after the action. After it they
+    default to SUPPRESS, so that an action's parser does not overwrite with its defaults
+    what was given before it."""
+    quiet: dict[str, Any] = {"default": argparse.SUPPRESS} if after_action else {}
+    parser.add_argument("--control", type=Path, metavar="PATH", help="the control socket", **quiet)
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="DEVICE_SOCKET",
+        help="the daemon's (first) device socket: its control socket is DEVICE_SOCKET.ctl",
+        **quiet,
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON reply", **quiet)
+
+
+def _add_ctl_parser(sub: Any) -> None:
+    ctl = sub.add_parser(
+        "ctl",
+        help="query and steer a running `vdev run` daemon over its control socket",
+        description="Ask a `vdev run` daemon, over its control socket, for its devices' "
+        "state and statistics, or to resize a disk or set a NIC's link. Prints a table, or "
+        "the daemon's JSON reply with --json.",
+        epilog=CTL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _ctl_options(ctl)
+    ctl.set_defaults(func=_cmd_ctl)
+    actions = ctl.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    parsers = {
+        name: actions.add_parser(name, help=text)
+        for name, text in (
+            ("list", "list the devices"),
+            ("stats", "state and counters of devices and queues"),
+            ("resize", "resize a disk"),
+            ("link", "set a NIC's link up or down"),
+        )
+    }
+    for parser in parsers.values():
+        _ctl_options(parser, after_action=True)
+    parsers["stats"].add_argument("device", nargs="?", metavar="DEVICE", help="default: all")
+    parsers["resize"].add_argument("device", metavar="DEVICE")
+    parsers["resize"].add_argument("size", type=_size, metavar="SIZE", help="e.g. 2G")
+    parsers["link"].add_argument("device", metavar="DEVICE")
+    parsers["link"].add_argument("state", choices=("up", "down"))
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _accel_option(parser: argparse.ArgumentParser) -> None:
@@ -430,14 +538,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
             for d, s in zip(devices, specs, strict=True)
         ]
-        trio.run(_serve_until_signal, servers)
+        # The control socket listens first: once a device socket does, it answers.
+        trio.run(_serve_until_signal, [*_control_servers(args.control, specs, servers), *servers])
     finally:
         for device in devices:
             device.close()
     return 0
 
 
-async def _serve_until_signal(servers: Sequence[DeviceServer | Tracer]) -> None:
+def _control_servers(
+    option: str | None, specs: Sequence[DeviceSpec], servers: Sequence[DeviceServer]
+) -> list[ControlServer]:
+    """The daemon's control socket (none with ``--control none``)."""
+    if option == "none":
+        return []
+    path = Path(option) if option else default_control_path(specs[0].socket)
+    if any(path.absolute() == spec.socket.absolute() for spec in specs):
+        raise ConfigError(f"--control: {path} is a device socket")
+    devices = name_devices([(s.type, server) for s, server in zip(specs, servers, strict=True)])
+    return [ControlServer(devices, path)]
+
+
+async def _serve_until_signal(servers: Sequence[DeviceServer | Tracer | ControlServer]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, unwrap_single():
         async with trio.open_nursery() as nursery:
             for server in servers:

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.INFLIGHT_SHMFD
 )
 MAX_MEM_SLOTS = 509
+#: Longest Unix socket path a peer can connect to (sun_path holds 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 #: How long a new connection waits for the previous session to wind down.
 SESSION_END_GRACE = 1.0
 #: accept() errors that pass once sessions release fds or memory; retried after a delay.
@@ -733,28 +736,35 @@ class DeviceServer:
             self.path.unlink()
 
 
-async def listen_unix(path: Path, mode: int = 0o600) -> trio.socket.SocketType:
+async def listen_unix(path: Path, mode: int = 0o600, backlog: int = 1) -> trio.socket.SocketType:
     """A Unix socket listening on `path`, replacing a stale socket, never a live one.
 
-    The socket is bound and listening under a temporary name (`.NAME~` beside it) and
-    then renamed, so that whoever sees `path` appear can connect at once.
+    The socket is bound, given `mode` and set listening in a private directory beside
+    `path` (mode 0700: nobody reaches it meanwhile), then renamed into place, so that
+    whoever sees `path` appear can connect at once, with `mode` already in force.
     """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ServerError(
+            f"cannot listen on {path}: AF_UNIX path too long "
+            f"({len(os.fsencode(path))} bytes, at most {MAX_SOCKET_PATH})"
+        )
     await _remove_stale_socket(path)
-    staging = path.with_name(f".{path.name}~")
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging: Path | None = None
     try:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(staging.lstat().st_mode):
-                staging.unlink()  # left by a daemon that was killed while starting
+        staging = Path(tempfile.mkdtemp(prefix=".vdev-", dir=path.parent)) / "s"
         await sock.bind(str(staging))
         os.chmod(staging, mode)
-        sock.listen(1)
+        sock.listen(backlog)
         os.rename(staging, path)
     except OSError as exc:
         sock.close()
-        with contextlib.suppress(OSError):
-            staging.unlink()
         raise ServerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    finally:
+        if staging is not None:
+            with contextlib.suppress(OSError):
+                staging.unlink()
+            staging.parent.rmdir()
     return sock
 
 

@@ -54,6 +54,12 @@ class Vring:
         self.failure: str | None = None
         #: Per-queue counters the device may add to (requests, bytes, ...).
         self.counters: dict[str, int] = {}
+        #: Kick eventfd reads, call eventfd signals, and adaptive spins that found work
+        #: on this ring: plain ints bumped on the worker thread, read by the control
+        #: socket without a lock (a benign race: a read may miss the latest bump).
+        self.kicks = 0
+        self.notifies = 0
+        self.polls = 0
         self._worker: QueueWorker | None = None
 
     # --- control (called by the server) -------------------------------------------
@@ -177,6 +183,7 @@ class Vring:
         if ring is not None:
             ring.flush()
             if ring.should_notify():
+                self.notifies += 1
                 self._signal(self.call_fd)
 
     @property

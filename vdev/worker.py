@@ -200,9 +200,10 @@ class QueueWorker:
             self.poll.slept(time.monotonic() - started)
             for fd, _ in events:
                 vring = self._watched.get(fd)
-                if fd == self._wake_fd or (vring is not None and fd == vring.kick_fd):
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(fd)
+                if fd == self._wake_fd:
+                    _drain(fd)
+                elif vring is not None and fd == vring.kick_fd and _drain(fd):
+                    vring.kicks += 1
             self._disarm()
 
     def _run(self, handle: Callable[[Vring], object], vring: Vring) -> None:
@@ -221,11 +222,10 @@ class QueueWorker:
             vring.fail(str(ring.failure).removeprefix(f"queue {vring.index}: "))
 
     def _has_work(self) -> bool:
-        device = self.device
-        return any(
-            vring.active and (vring.ring.has_available() or device.has_work(vring))  # type: ignore[union-attr]
-            for vring in self._rings
-        )
+        return any(self._ring_has_work(vring) for vring in self._rings)
+
+    def _ring_has_work(self, vring: Vring) -> bool:
+        return vring.active and (vring.ring.has_available() or self.device.has_work(vring))  # type: ignore[union-attr]
 
     def _spin(self) -> bool:
         """Look at the rings until `poll.seconds` pass; True if work showed up.
@@ -236,7 +236,12 @@ class QueueWorker:
         """
         deadline = time.monotonic() + self.poll.seconds
         while time.monotonic() < deadline:
-            if self._has_work() or self._commands:
+            if self._commands:
+                return True
+            if self._has_work():
+                for vring in self._rings:
+                    if self._ring_has_work(vring):
+                        vring.polls += 1
                 return True
             os.sched_yield()
         return False
@@ -304,6 +309,15 @@ class QueueWorker:
 
     def _stop(self) -> None:
         self._stopping = True
+
+
+def _drain(fd: int) -> bool:
+    """Read an eventfd; False if it had nothing (a spurious wake-up)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _epoll_wait(ep: select.epoll) -> list[tuple[int, int]]:

@@ -170,12 +170,9 @@ async def test_stale_socket_replaced_live_one_refused(sock_path):
 async def test_the_socket_appears_only_once_it_listens(sock_path):
     from vdev.server import listen_unix
 
-    staging = sock_path.with_name(f".{sock_path.name}~")
-    left = socket.socket(socket.AF_UNIX)
-    left.bind(str(staging))
-    left.close()  # a daemon killed while starting left its staging name behind
-    with await listen_unix(sock_path):
-        assert sock_path.is_socket() and not staging.exists()
+    with await listen_unix(sock_path, 0o640):
+        assert sock_path.is_socket() and oct(sock_path.stat().st_mode & 0o777) == "0o640"
+        assert sorted(sock_path.parent.iterdir()) == [sock_path]  # no staging left
         with socket.socket(socket.AF_UNIX) as probe:
             probe.connect(str(sock_path))  # no window in which the file refuses
 

@@ -152,7 +152,14 @@ class Device:
         self.acked_features = 0
 
     def stats(self) -> dict[str, int]:
-        """Counters for `vdev demo` and benchmarks (requests, bytes, ...)."""
+        """Counters for `vdev demo`, `vdev ctl stats` and benchmarks (requests, bytes,
+        errors, ...). Called from the event loop while workers count: read counters
+        whose keys are all there already (a dict growing meanwhile breaks iteration)."""
+        return {}
+
+    def queue_stats(self, index: int) -> dict[str, int]:
+        """Counters of queue `index` since the device started (requests, bytes, ...),
+        for `vdev ctl stats`; the same rules as `stats`."""
         return {}
 
     def close(self) -> None:

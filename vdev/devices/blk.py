@@ -88,6 +88,14 @@ WRITEBACK_OFFSET = 32
 #: Feature bits tested per batch, as plain ints (IntFlag arithmetic is slow).
 _CONFIG_WCE, _FLUSH = int(BlkFeature.CONFIG_WCE), int(BlkFeature.FLUSH)
 _STAT_NAMES = {t: f"{t.name.lower()}_requests" for t in RequestType}
+#: Every counter a queue keeps, all there from the start: another thread (the control
+#: socket) may read them while the worker counts, so no key is ever added later.
+_STAT_KEYS = (
+    "requests", *_STAT_NAMES.values(), "other_requests",
+    "bytes_read", "bytes_written", "errors", "unsupported",
+)  # fmt: skip
+#: What `queue_stats` shows of them.
+_QUEUE_STAT_KEYS = ("requests", "bytes_read", "bytes_written", "errors")
 
 
 class _Invalid(Exception):
@@ -161,7 +169,9 @@ class BlkDevice(Device):
         self.executor_factory: Callable[[int], Executor] = self._in_process
         self._executors: dict[int, Executor] = {}
         #: Counters per queue, each written by its queue's worker thread only.
-        self._stats: list[Counter[str]] = [Counter() for _ in range(self.num_queues)]
+        self._stats: list[Counter[str]] = [
+            Counter(dict.fromkeys(_STAT_KEYS, 0)) for _ in range(self.num_queues)
+        ]
 
     # --- negotiation and configuration ---------------------------------------------
 
@@ -420,16 +430,14 @@ class BlkDevice(Device):
 
     def stats(self) -> dict[str, int]:
         """Requests (total, per type, per queue), bytes read and written, errors."""
-        keys = ["requests", *_STAT_NAMES.values(), "other_requests"]
-        keys += ["bytes_read", "bytes_written", "errors"]
-        keys += ["unsupported"]
-        total: Counter[str] = Counter()
-        for counters in self._stats:
-            total.update(counters)
-        out = {key: total[key] for key in keys}
+        out = {key: sum(counters[key] for counters in self._stats) for key in _STAT_KEYS}
         for index, counters in enumerate(self._stats):
             out[f"queue{index}_requests"] = counters["requests"]
         return out
+
+    def queue_stats(self, index: int) -> dict[str, int]:
+        counters = self._stats[index]
+        return {key: counters[key] for key in _QUEUE_STAT_KEYS}
 
     def close(self) -> None:
         executors = [*self._executors.values(), self._default_executor]

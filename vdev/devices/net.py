@@ -657,7 +657,17 @@ class NetDevice(Device):
             out[f"tx{pair}_frames"] = tx.frames
             out[f"tx{pair}_bytes"] = tx.bytes
         out["rx_frames"] = sum(rx.counters.frames for rx in self._rx)
+        out["rx_bytes"] = sum(rx.counters.bytes for rx in self._rx)
         out["tx_frames"] = sum(tx.frames for tx in self._tx)
-        out.update({f"drop_{reason}": n for reason, n in sorted(self._drops.items())})
+        out["tx_bytes"] = sum(tx.bytes for tx in self._tx)
+        drops = sorted(self._drops.items())  # one C call: safe while workers add reasons
+        out["drops"] = sum(n for _, n in drops)
+        out.update({f"drop_{reason}": n for reason, n in drops})
         out["rarp_sent"] = self._rarp_sent
         return out
+
+    def queue_stats(self, index: int) -> dict[str, int]:
+        """Frames (as requests) and bytes of a receive (even) or transmit (odd) queue."""
+        pair, transmit = divmod(index, 2)
+        counters = self._tx[pair] if transmit else self._rx[pair].counters
+        return {"requests": counters.frames, "bytes": counters.bytes}
