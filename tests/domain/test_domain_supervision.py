@@ -116,3 +116,26 @@ async def test_child_crashing_at_first_start_fails_the_build(
     flag.touch()
     with pytest.raises(ConfigError, match=r"crashy backend: .*gave up after 5 crashes.*SIGABRT"):
         blk_in_domain(tmp_path / "f.sock", "crashy", {"path": str(image), "crash_flag": str(flag)})
+
+
+def test_a_pidfd_above_1023_is_watched() -> None:
+    """The watchdog's exit check takes any fd (select() raises above 1023)."""
+    import resource
+    import subprocess
+
+    from vdev.domain.host import _readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    child = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(child.pid)
+    high = os.dup2(pidfd, 1500)
+    os.close(pidfd)
+    try:
+        assert not _readable(high)
+        child.kill()
+        child.wait()
+        assert _readable(high)
+    finally:
+        os.close(high)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

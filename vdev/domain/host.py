@@ -488,7 +488,7 @@ class DomainHost:
                 reason = f"answered {reply['op']!r}"
             except control.ControlError as exc:
                 reason = str(exc)
-        if select.select([child.pidfd], [], [], 0)[0]:
+        if _readable(child.pidfd):
             return  # it died meanwhile: _watch sees it
         self.hangs += 1
         log.error("%s: pid %d failed the watchdog (%s); killing it", self.label, child.pid, reason)
@@ -550,3 +550,11 @@ class DomainHost:
             log.warning("%s: pid %d did not stop; killing it", self.label, child.pid)
         reason = child.reap()
         log.info("%s: pid %d %s", self.label, child.pid, reason)
+
+
+def _readable(fd: int) -> bool:
+    """Whether `fd` is readable now (a pidfd: its process exited). poll, not select:
+    select cannot take an fd above 1023, and a daemon with many devices has those."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
