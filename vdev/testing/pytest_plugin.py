@@ -346,6 +346,8 @@ class DaemonFactory:
         """Stop every daemon still running; what went wrong with each, if anything."""
         problems = []
         for daemon in self.daemons:
+            if daemon.stopped and daemon.process.returncode is not None:
+                continue  # stopped by the test (Daemon.stop), which got its status
             died = not daemon.stopped and daemon.process.poll() is not None
             status = await daemon.stop()
             if died:
@@ -361,8 +363,10 @@ class DaemonFactory:
 @pytest.fixture
 async def vdev_daemon(tmp_path: Path, vdev_socket_dir: Path) -> AsyncIterator[DaemonFactory]:
     """A factory: ``d = await vdev_daemon(*args)`` runs ``vdev run <args>`` and returns a
-    `Daemon` (``.socket``, ``.log``, ``.process``) once it serves. At teardown each is
-    sent SIGTERM; the test fails with the log if one died early or exited non-zero."""
+    `Daemon` (``.socket``, ``.log``, ``.process``) once it serves. At teardown each one
+    still running is sent SIGTERM; the test fails with the log if one died early or
+    exited non-zero (one the test stopped itself, ``await daemon.stop(signal)``, is not
+    checked again: a test may kill -9 its daemon)."""
     factory = DaemonFactory(vdev_socket_dir, tmp_path)
     try:
         yield factory
