@@ -12,7 +12,6 @@ in-flight buffer has nothing left marked in flight.
 from __future__ import annotations
 
 import random
-import re
 import signal
 from collections import Counter
 from contextlib import ExitStack
@@ -25,7 +24,7 @@ from vdev.devices.blk import REQUEST_HEADER
 from vdev.devices.blk_requests import RequestType, Status
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.testing.frontend import Frontend, FrontendQueue, InflightFd
-from vdev.testing.pytest_plugin import Daemon, DaemonFactory
+from vdev.testing.pytest_plugin import Daemon, DaemonFactory, resubmitted_requests
 from vdev.virtio.inflight import PackedInflight, SplitInflight
 
 BLOCK = 256 << 10
@@ -34,12 +33,6 @@ QUEUE_SIZE = 128
 DEPTH = 32
 KILLS = 16
 SECTORS_PER_BLOCK = BLOCK // 512
-RESUBMITTED = re.compile(r"re-submitting (\d+) requests left in flight")
-
-
-def resubmitted_requests(log_text: str) -> int:
-    """How many requests a daemon re-submitted after a predecessor died, by its log."""
-    return sum(int(n) for n in RESUBMITTED.findall(log_text))
 
 
 def block_data(block: int) -> bytes:

@@ -231,7 +231,9 @@ class Frontend:
 
         `features` defaults to everything offered except RING_PACKED (unless `packed`).
         An `inflight` buffer kept from a previous back-end goes to this one before the
-        memory table, where QEMU's vhost_user_blk_start sends it.
+        memory table, where QEMU 7.2's vhost_user_blk_start sends it (on a reconnect
+        QEMU sends: SET_FEATURES, SET_INFLIGHT_FD, SET_FEATURES, the memory table, each
+        ring's messages, SET_STATUS; it asks GET_INFLIGHT_FD once, of the first back-end).
         """
         await self.send(Request.SET_OWNER)
         offered = (await self.send(Request.GET_FEATURES)).payload  # type: ignore[union-attr]
@@ -372,18 +374,19 @@ class Frontend:
     async def _start_queue(
         self, index: int, ring: DriverSplitRing | DriverPackedRing, base: int
     ) -> FrontendQueue:
-        """New kick and call eventfds and, in QEMU's order (vhost_virtqueue_start, then
-        vhost_dev_set_vring_enable): NUM, BASE, ADDR, KICK, CALL, ENABLE."""
+        """New kick and call eventfds and the ring's messages in the order QEMU 7.2
+        sends them (traced): CALL, then NUM, BASE, ADDR, KICK (vhost_virtqueue_start),
+        then ENABLE (vhost_dev_set_vring_enable)."""
         kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         queue = FrontendQueue(index, ring, kick_fd, call_fd)
         ack = self._acks
+        await self.send(Request.SET_VRING_CALL, VringFile(index, True), [call_fd], need_reply=ack)
         await self.send(Request.SET_VRING_NUM, VringState(index, ring.size), need_reply=ack)
         await self.send(Request.SET_VRING_BASE, VringState(index, base), need_reply=ack)
         addr = VringAddress(index, 0, ring.desc_addr, ring.used_addr, ring.avail_addr, 0)
         await self.send(Request.SET_VRING_ADDR, addr, need_reply=ack)
         await self.send(Request.SET_VRING_KICK, VringFile(index, True), [kick_fd], need_reply=ack)
-        await self.send(Request.SET_VRING_CALL, VringFile(index, True), [call_fd], need_reply=ack)
         if self.features & F_PROTOCOL_FEATURES:
             await self.send(Request.SET_VRING_ENABLE, VringState(index, 1), need_reply=ack)
         self.queues[index] = queue

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -282,6 +283,15 @@ class Daemon:
                     return await self.process.wait()
                 self.process.kill()
             return await self.process.wait()
+
+
+_RESUBMITTED = re.compile(r"queue \d+: re-submitting (\d+) requests left in flight")
+
+
+def resubmitted_requests(log_text: str) -> int:
+    """How many requests a ``vdev run`` re-submitted (left in flight by a predecessor
+    that died), by its log (`Daemon.log_text`)."""
+    return sum(int(n) for n in _RESUBMITTED.findall(log_text))
 
 
 class DaemonFactory:
