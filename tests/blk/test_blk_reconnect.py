@@ -22,8 +22,7 @@ import trio
 
 from vdev.devices.blk import REQUEST_HEADER
 from vdev.devices.blk_requests import RequestType, Status
-from vdev.testing.fakemem import FakeGuestMemory
-from vdev.testing.frontend import Frontend, FrontendQueue, InflightFd
+from vdev.testing import FakeGuestMemory, Frontend, FrontendQueue, InflightFd
 from vdev.testing.pytest_plugin import Daemon, DaemonFactory, resubmitted_requests
 from vdev.virtio.inflight import PackedInflight, SplitInflight
 
