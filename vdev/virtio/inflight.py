@@ -163,7 +163,7 @@ class SplitInflight:
         return heads
 
     def in_flight(self) -> list[int]:
-        """Heads recorded as taken and not completed, oldest first."""
+        """Heads marked in flight (taken, completion not recorded yet), oldest first."""
         return self._r.marked()
 
     def popped(self, head: int) -> None:
@@ -300,7 +300,8 @@ class PackedInflight:
             entry = r.u16[r.entry(entry, 2, 2)]
 
     def in_flight(self) -> list[int]:
-        """Head entries of the chains recorded as taken and not completed, oldest first."""
+        """Head entries of the chains marked in flight (taken, not handed back yet),
+        oldest first."""
         return self._r.marked()
 
     def popped(self, descs: list[RingDesc]) -> None:
