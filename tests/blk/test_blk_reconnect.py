@@ -26,8 +26,8 @@ from vdev.testing import FakeGuestMemory, Frontend, FrontendQueue, InflightFd
 from vdev.testing.pytest_plugin import Daemon, DaemonFactory, resubmitted_requests
 from vdev.virtio.inflight import PackedInflight, SplitInflight
 
-BLOCK = 256 << 10
-BLOCKS = 96
+BLOCK = 128 << 10
+BLOCKS = 256
 QUEUE_SIZE = 128
 DEPTH = 32
 KILLS = 16
@@ -95,7 +95,7 @@ async def kill_soon(
 ) -> None:
     """SIGKILL the daemon after a random delay or, with `when_taken`, as soon as the
     in-flight buffer shows it took requests (frozen with SIGSTOP at once, so that the
-    kill catches some)."""
+    kill catches some: a batch of 32 large writes and reads takes it milliseconds)."""
     if when_taken:
         with trio.move_on_after(0.2):  # it may have nothing left to take
             while not held.in_flight():
@@ -116,7 +116,7 @@ async def test_kill_9_at_many_points_is_recovered_exactly(
     args = ("blk", "--backend", "file", "--path", str(image), "--socket", str(sock))
     args += ("--poll-us", "0")  # whole batches: the worker sleeps until kicked
     rng = random.Random(1 if packed else 2)
-    kill_at = sorted(rng.sample(range(DEPTH, 2 * BLOCKS - DEPTH), KILLS))
+    kill_at = sorted(rng.sample(range(DEPTH, 2 * BLOCKS - 4 * DEPTH), KILLS))
     memory = FakeGuestMemory(64 << 20, regions=2, memfd=True, user_offset=0x7F00_0000_0000)
     workload = Workload()
     daemons: list[Daemon] = []
@@ -141,7 +141,12 @@ async def test_kill_9_at_many_points_is_recovered_exactly(
                     workload.submit(queue)
                     if kill_at and workload.submitted >= kill_at[0]:
                         kill_at.pop(0)
-                        await kill_soon(daemon, held, rng, when_taken=len(kill_at) % 2 == 0)
+                        when_taken = len(kill_at) % 2 == 0
+                        if when_taken:  # a whole batch for it to take
+                            while queue.ring.in_flight:
+                                await workload.collect(queue)
+                            workload.submit(queue)
+                        await kill_soon(daemon, held, rng, when_taken)
                         break
                     await workload.collect(queue)
         assert held.in_flight() == []
