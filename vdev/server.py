@@ -423,7 +423,11 @@ class Session:
         assert isinstance(msg.payload, int)
         self.status = msg.payload
         if self.status == 0:
-            await self._reset()
+            # QEMU 7.2 stops a device with SET_STATUS 0 before it asks for each queue's
+            # base (vhost_dev_stop, then GET_VRING_BASE): the queues stop, remembering
+            # their bases, and the front-end sets them up again before they restart.
+            await self._stop_all()
+            self.device.reset()
 
     async def _on_get_status(self, msg: Message) -> int:
         return self.status

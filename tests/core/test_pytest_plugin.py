@@ -186,6 +186,20 @@ def test_a_daemon_that_dies_fails_the_test_with_its_log(inner) -> None:
     result.stdout.fnmatch_lines(["*vdev run died during the test (status -9); its log*"])
 
 
+def test_a_daemon_the_test_kills_itself_is_not_reported(inner) -> None:
+    inner.makepyfile(
+        f"""
+        import signal
+
+        async def test_kill_9(vdev_daemon):
+            daemon = await vdev_daemon("blk", "--backend", "null", "--size", "1M")
+            assert await daemon.stop(signal.{signal.SIGKILL.name}) == -9
+        """
+    )
+    result = inner.runpytest("-p", "no:faulthandler")
+    result.assert_outcomes(passed=1)
+
+
 def test_a_daemon_refusing_its_options_fails_the_test_with_its_log(inner) -> None:
     inner.makepyfile(
         """

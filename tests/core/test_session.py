@@ -184,3 +184,20 @@ async def test_a_failed_listen_leaves_no_file(tmp_path):
     with pytest.raises(ServerError, match="cannot listen on"):
         await listen_unix(path)
     assert not path.parent.exists()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+async def test_status_0_before_get_vring_base_keeps_the_base(sock_path, packed):
+    """QEMU 7.2 stops a device (vhost_dev_stop) with SET_STATUS 0, then SET_VRING_ENABLE
+    0, then GET_VRING_BASE: the base it gets must be where the queue stopped."""
+    async with serve_device(EchoDevice(1), sock_path), Frontend.connect(sock_path) as fe:
+        await fe.negotiate(packed=packed)
+        assert fe.protocol_features & ProtocolFeature.STATUS
+        queue = await fe.setup_queue(0)
+        for i in range(5):
+            await queue.transact([b"request %d" % i], [16])
+        await fe.send(Request.SET_STATUS, 0, need_reply=True)
+        await fe.send(Request.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+        base = await fe.stop_queue(0)
+    # packed: 5 chains of 2 descriptors, next avail and used position 10, wraps 1
+    assert base == (0x800A_800A if packed else 5)

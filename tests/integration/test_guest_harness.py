@@ -47,6 +47,12 @@ TEMPLATE_PARAMS = {
         "queues": 1,
         "packed": False,
     },
+    "vdev-blk-server": {
+        "id": "blk0",
+        "socket": "/run/vdev/blk0.sock",
+        "queues": 1,
+        "packed": True,
+    },
     "vdev-net": {"id": "net0", "socket": "/run/vdev/net0.sock", "queues": 2, "mq": True},
     "builtin-blk": {"id": "disk0", "path": "/var/tmp/disk.img", "queues": 1, "direct": True},
     "builtin-net-tap": {"id": "net0", "tap": "tap0", "queues": 1, "mq": False},

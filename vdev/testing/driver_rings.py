@@ -293,8 +293,13 @@ class DriverSplitRing(_DriverRing):
         self._avail_idx_field = self._avail[_IDX_OFFSET : _IDX_OFFSET + 2].cast("H")
         self._set_interrupts(True)
 
+    @property
+    def device_used_idx(self) -> int:
+        """The used index the device published (in guest memory)."""
+        return U16.unpack_from(self._used, _IDX_OFFSET)[0]
+
     def has_used(self) -> bool:
-        return U16.unpack_from(self._used, _IDX_OFFSET)[0] != self._last_used
+        return self.device_used_idx != self._last_used
 
     def _reserve(self, slots: int) -> None:
         if len(self._free_descs) < slots:

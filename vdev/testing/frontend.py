@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -30,6 +31,7 @@ from vdev.protocol import (
     DeviceConfig,
     FrontendChannel,
     FrontendConnection,
+    InflightDescription,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -44,6 +46,7 @@ from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuf
 from vdev.testing.fakemem import FakeGuestMemory
 from vdev.trioutil import unwrap_single
 from vdev.virtio.features import TRANSPORT_FEATURES, VirtioFeature
+from vdev.virtio.inflight import InflightBuffer
 
 #: Front-end virtual addresses differ from guest addresses, as in QEMU.
 _USER_OFFSET = 0x7F00_0000_0000
@@ -51,6 +54,28 @@ _USER_OFFSET = 0x7F00_0000_0000
 
 class FrontendError(Exception):
     """The device answered something unexpected (or not in time)."""
+
+
+@dataclass
+class InflightFd:
+    """The in-flight buffer a device handed out (GET_INFLIGHT_FD): the front-end keeps
+    it across back-end restarts and hands it to each successor (SET_INFLIGHT_FD)."""
+
+    fd: int
+    description: InflightDescription
+
+    def mapped(self) -> InflightBuffer:
+        """A mapping of the buffer, to look at what the device recorded (close it)."""
+        d = self.description
+        fd = os.dup(self.fd)
+        try:
+            return InflightBuffer(fd, d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class FrontendQueue:
@@ -143,9 +168,11 @@ class Frontend:
         mem_size: int = 8 << 20,
         regions: int = 2,
         memory: FakeGuestMemory | None = None,
+        keep_memory: bool = False,
     ) -> AsyncIterator[Frontend]:
         """Connect to a device socket, with memfd guest memory of `mem_size` bytes (or
-        the given `memory`, closed at the end too)."""
+        the given `memory`, closed at the end too unless `keep_memory`: a front-end
+        that reconnects to a restarted device keeps its guest memory)."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if memory is None:
             memory = FakeGuestMemory(
@@ -162,7 +189,8 @@ class Frontend:
                     nursery.cancel_scope.cancel()
         finally:
             sock.close()
-            memory.close()
+            if not keep_memory:
+                memory.close()
 
     # --- raw requests ------------------------------------------------------------------
 
@@ -192,10 +220,20 @@ class Frontend:
 
     # --- the usual session -------------------------------------------------------------
 
-    async def negotiate(self, features: int | None = None, *, packed: bool = False) -> int:
+    async def negotiate(
+        self,
+        features: int | None = None,
+        *,
+        packed: bool = False,
+        inflight: InflightFd | None = None,
+    ) -> int:
         """SET_OWNER, features, protocol features, memory table; return acked features.
 
         `features` defaults to everything offered except RING_PACKED (unless `packed`).
+        An `inflight` buffer kept from a previous back-end goes to this one before the
+        memory table, where QEMU 7.2's vhost_user_blk_start sends it (on a reconnect
+        QEMU sends: SET_FEATURES, SET_INFLIGHT_FD, SET_FEATURES, the memory table, each
+        ring's messages, SET_STATUS; it asks GET_INFLIGHT_FD once, of the first back-end).
         """
         await self.send(Request.SET_OWNER)
         offered = (await self.send(Request.GET_FEATURES)).payload  # type: ignore[union-attr]
@@ -213,6 +251,8 @@ class Frontend:
             features = offered if packed else offered & ~VirtioFeature.RING_PACKED
         self.features = features
         await self.send(Request.SET_FEATURES, features, need_reply=self._acks)
+        if inflight is not None:
+            await self.set_inflight_fd(inflight)
         await self.set_mem_table()
         return features
 
@@ -229,6 +269,24 @@ class Frontend:
         )
         fds = [r.fd for r in regions]
         await self.send(Request.SET_MEM_TABLE, table, fds, need_reply=self._acks)  # type: ignore[arg-type]
+
+    # --- in-flight tracking (INFLIGHT_SHMFD) ---------------------------------------------
+
+    async def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightFd:
+        """GET_INFLIGHT_FD: a new in-flight buffer from the device, now the caller's."""
+        msg = await self.send(
+            Request.GET_INFLIGHT_FD, InflightDescription(0, 0, num_queues, queue_size)
+        )
+        if msg is None or not isinstance(msg.payload, InflightDescription) or len(msg.fds) != 1:
+            raise FrontendError(f"GET_INFLIGHT_FD failed: {msg}")
+        return InflightFd(msg.fds[0], msg.payload)
+
+    async def set_inflight_fd(self, inflight: InflightFd) -> None:
+        """SET_INFLIGHT_FD: the device tracks its requests in `inflight` (which stays the
+        caller's)."""
+        await self.send(
+            Request.SET_INFLIGHT_FD, inflight.description, [inflight.fd], need_reply=self._acks
+        )
 
     # --- the back-end channel ------------------------------------------------------------
 
@@ -299,15 +357,35 @@ class Frontend:
             ring = DriverPackedRing(self.memory, size, features=ring_features)
         else:
             ring = DriverSplitRing(self.memory, size, features=ring_features)
+        return await self._start_queue(index, ring, ring.base)
+
+    async def resume_queue(
+        self, index: int, ring: DriverSplitRing | DriverPackedRing
+    ) -> FrontendQueue:
+        """Hand a new device the ring a previous one served until it died, as QEMU 7.2
+        does after a reconnect: the old device could not answer GET_VRING_BASE, so a
+        split ring's base is its used index in guest memory
+        (virtio_queue_restore_last_avail_idx) and a packed ring's the base it was
+        started with (QEMU restores nothing for packed rings). The device takes the
+        real positions from the in-flight buffer, if it was given one."""
+        base = ring.device_used_idx if isinstance(ring, DriverSplitRing) else ring.base
+        return await self._start_queue(index, ring, base)
+
+    async def _start_queue(
+        self, index: int, ring: DriverSplitRing | DriverPackedRing, base: int
+    ) -> FrontendQueue:
+        """New kick and call eventfds and the ring's messages in the order QEMU 7.2
+        sends them (traced): CALL, then NUM, BASE, ADDR, KICK (vhost_virtqueue_start),
+        then ENABLE (vhost_dev_set_vring_enable)."""
         kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         queue = FrontendQueue(index, ring, kick_fd, call_fd)
         ack = self._acks
-        await self.send(Request.SET_VRING_NUM, VringState(index, size), need_reply=ack)
+        await self.send(Request.SET_VRING_CALL, VringFile(index, True), [call_fd], need_reply=ack)
+        await self.send(Request.SET_VRING_NUM, VringState(index, ring.size), need_reply=ack)
+        await self.send(Request.SET_VRING_BASE, VringState(index, base), need_reply=ack)
         addr = VringAddress(index, 0, ring.desc_addr, ring.used_addr, ring.avail_addr, 0)
         await self.send(Request.SET_VRING_ADDR, addr, need_reply=ack)
-        await self.send(Request.SET_VRING_BASE, VringState(index, ring.base), need_reply=ack)
-        await self.send(Request.SET_VRING_CALL, VringFile(index, True), [call_fd], need_reply=ack)
         await self.send(Request.SET_VRING_KICK, VringFile(index, True), [kick_fd], need_reply=ack)
         if self.features & F_PROTOCOL_FEATURES:
             await self.send(Request.SET_VRING_ENABLE, VringState(index, 1), need_reply=ack)

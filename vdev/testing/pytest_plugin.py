@@ -27,6 +27,7 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -42,6 +44,8 @@ import trio
 from vdev import qemu
 from vdev.backend import BlockBackend, NetBackend
 from vdev.config import ConfigError, load_config
+from vdev.ctl.client import request as ctl_request
+from vdev.ctl.server import default_control_path
 from vdev.devices.base import Device
 from vdev.devices.blk import BlkDevice
 from vdev.devices.net import NetDevice
@@ -238,9 +242,20 @@ def _option(args: Sequence[str], name: str) -> str | None:
     return value
 
 
+def _remove_if_stale(path: Path) -> None:
+    """Remove `path` if it is a socket nobody listens on (left by a killed daemon)."""
+    if not path.is_socket():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink(missing_ok=True)
+
+
 def _listening(paths: Sequence[Path]) -> bool:
-    """Whether every one of `paths` is a socket (vdev renames a socket into place once
-    it listens: see `vdev.server.listen_unix`)."""
+    """Whether every one of `paths` is a socket: vdev renames a socket into place once
+    it listens (`vdev.server.listen_unix`), and stale ones are removed before a start."""
     return all(path.is_socket() for path in paths)
 
 
@@ -253,6 +268,8 @@ class Daemon:
     log: Path
     #: The sockets it listens on (those of a --config file, in order).
     sockets: tuple[Path, ...]
+    #: Its control socket (`vdev ctl`); None when started with ``--control none``.
+    control: Path | None = None
     stopped: bool = field(default=False, init=False)
 
     @property
@@ -273,6 +290,14 @@ class Daemon:
                     return await self.process.wait()
                 self.process.kill()
             return await self.process.wait()
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """Its devices' state and counters, as ``vdev ctl stats --json`` prints them
+        (one dict per device, each with its ``queues``), read from its control socket."""
+        if self.control is None:
+            raise RuntimeError("this daemon runs without a control socket (--control none)")
+        reply = await trio.to_thread.run_sync(ctl_request, self.control, {"cmd": "stats"})
+        return reply["devices"]
 
 
 class DaemonFactory:
@@ -305,6 +330,16 @@ class DaemonFactory:
                 args_list += ["--socket", socket]
             sockets = (Path(socket),)
             listening = () if "--client" in args_list else sockets
+        control_option = _option(args_list, "--control")
+        control = (
+            None
+            if control_option == "none"
+            else Path(control_option or default_control_path(sockets[0]))
+        )
+        if control is not None:
+            listening += (control,)
+        for path in listening:
+            _remove_if_stale(path)
         log = self._log_dir / f"vdev{n}.log"
         argv = [sys.executable, "-m", "vdev.cli", "run", *args_list]
         with log.open("wb") as out:
@@ -315,7 +350,7 @@ class DaemonFactory:
                 stderr=subprocess.STDOUT,
                 env=None if env is None else dict(env),
             )
-        daemon = Daemon(process, log, sockets)
+        daemon = Daemon(process, log, sockets, control)
         self.daemons.append(daemon)  # stopped at teardown even if the test is cancelled
         with trio.move_on_after(DAEMON_START_TIMEOUT):
             while process.poll() is None and not _listening(listening):
@@ -337,6 +372,8 @@ class DaemonFactory:
         """Stop every daemon still running; what went wrong with each, if anything."""
         problems = []
         for daemon in self.daemons:
+            if daemon.stopped and daemon.process.returncode is not None:
+                continue  # stopped by the test (Daemon.stop), which got its status
             died = not daemon.stopped and daemon.process.poll() is not None
             status = await daemon.stop()
             if died:
@@ -352,8 +389,10 @@ class DaemonFactory:
 @pytest.fixture
 async def vdev_daemon(tmp_path: Path, vdev_socket_dir: Path) -> AsyncIterator[DaemonFactory]:
     """A factory: ``d = await vdev_daemon(*args)`` runs ``vdev run <args>`` and returns a
-    `Daemon` (``.socket``, ``.log``, ``.process``) once it serves. At teardown each is
-    sent SIGTERM; the test fails with the log if one died early or exited non-zero."""
+    `Daemon` (``.socket``, ``.log``, ``.process``) once it serves. At teardown each one
+    still running is sent SIGTERM; the test fails with the log if one died early or
+    exited non-zero (one the test stopped itself, ``await daemon.stop(signal)``, is not
+    checked again: a test may kill -9 its daemon)."""
     factory = DaemonFactory(vdev_socket_dir, tmp_path)
     try:
         yield factory

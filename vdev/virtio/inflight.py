@@ -114,6 +114,12 @@ class _Region:
     def clear(self) -> None:
         self.u8[:] = bytes(self.u8.nbytes)
 
+    def marked(self) -> list[int]:
+        """The entries whose inflight flag is set, oldest request first."""
+        entries = [i for i in range(self.size) if self.u8[self.entry(i, 0, 1)]]
+        entries.sort(key=lambda i: self.u64[self.entry(i, 8, 8)])
+        return entries
+
 
 class SplitInflight:
     """Tracking for a split queue (QueueRegionSplit of the spec).
@@ -152,10 +158,13 @@ class SplitInflight:
             r.u8[r.entry(head, 0, 1)] = 0
             head = r.u16[r.entry(head, 6, 2)]
         r.u16[7] = used_idx
-        heads = [i for i in range(r.size) if r.u8[r.entry(i, 0, 1)]]
-        heads.sort(key=lambda i: r.u64[r.entry(i, 8, 8)])
+        heads = r.marked()
         self._counter = max((r.u64[r.entry(i, 8, 8)] for i in heads), default=0) + 1
         return heads
+
+    def in_flight(self) -> list[int]:
+        """Heads marked in flight (taken, completion not recorded yet), oldest first."""
+        return self._r.marked()
 
     def popped(self, head: int) -> None:
         r = self._r
@@ -241,8 +250,7 @@ class PackedInflight:
         r.u8[self._WRAP] = r.u8[self._OLD_WRAP]
         for entry in self._free_entries():
             r.u8[r.entry(entry, 0, 1)] = 0
-        heads = [i for i in range(r.size) if r.u8[r.entry(i, 0, 1)]]
-        heads.sort(key=lambda i: r.u64[r.entry(i, 8, 8)])
+        heads = r.marked()
         self._counter = max((r.u64[r.entry(i, 8, 8)] for i in heads), default=0) + 1
         chains = []
         used, used_wrap = r.u16[self._USED], bool(r.u8[self._WRAP])
@@ -290,6 +298,11 @@ class PackedInflight:
                 r.u16[r.entry(entry, 18, 2)],
             )
             entry = r.u16[r.entry(entry, 2, 2)]
+
+    def in_flight(self) -> list[int]:
+        """Head entries of the chains marked in flight (taken, not handed back yet),
+        oldest first."""
+        return self._r.marked()
 
     def popped(self, descs: list[RingDesc]) -> None:
         """A chain was taken: its ring descriptors, in order."""
