@@ -420,7 +420,7 @@ class Session:
         assert isinstance(msg.payload, int)
         self.status = msg.payload
         if self.status == 0:
-            await self._reset()
+            await self._stop_device()
 
     async def _on_get_status(self, msg: Message) -> int:
         return self.status
@@ -556,6 +556,15 @@ class Session:
         await self._stop_all()
         for vring in self.vrings:
             vring.close()
+        self.device.reset()
+
+    async def _stop_device(self) -> None:
+        """SET_STATUS 0: stop the rings and reset the device, but keep each ring's
+        position for GET_VRING_BASE. QEMU 7.2 stops a device with SET_STATUS 0 first,
+        then GET_VRING_BASE for each ring (`vhost_dev_stop`), and migrates that base."""
+        await self._stop_all()
+        for vring in self.vrings:
+            vring.started = False  # serves again only once set up again (SET_VRING_KICK)
         self.device.reset()
 
 

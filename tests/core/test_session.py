@@ -76,6 +76,26 @@ async def test_get_vring_base_stops_queue(sock_path):
         assert await fe.stop_queue(0) == 5
 
 
+async def test_status_zero_keeps_the_ring_base_for_get_vring_base(sock_path):
+    """QEMU 7.2 stops a device with SET_STATUS 0 before GET_VRING_BASE (and migrates
+    that base): the reset must not lose the ring's position."""
+    device = EchoDevice()
+    async with serve_device(device, sock_path), Frontend.connect(sock_path) as fe:
+        await fe.negotiate()
+        assert fe.protocol_features & ProtocolFeature.STATUS
+        q = await fe.setup_queue(0)
+        for _ in range(5):
+            await q.transact([b"x"], [1])
+        assert (await fe.send(Request.SET_STATUS, 0, need_reply=True)).payload == 0
+        assert device.acked_features == 0  # the device was reset
+        assert await fe.stop_queue(0) == 5
+        # A ring left alone by status 0 stays stopped until it is set up again.
+        q.add([b"late"], [4])
+        q.kick()
+        with pytest.raises(FrontendError):
+            await q.wait_used(1, timeout=0.3)
+
+
 async def test_queue_num_and_bad_index(sock_path):
     async with serve_device(EchoDevice(num_queues=2), sock_path), Frontend.connect(sock_path) as fe:
         await fe.negotiate()
