@@ -16,11 +16,11 @@ import re
 from pathlib import Path
 
 import trio
+from migration_helpers import migrated, qmp_args
 
 from vdev.qemu import render_args
-from vdev.testing.guest import Guest, start_incoming
+from vdev.testing.guest import Guest
 from vdev.testing.pytest_plugin import DaemonFactory, GuestRunner
-from vdev.testing.qmp import QmpClient
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -86,17 +86,8 @@ def rounds(guest: Guest) -> int:
     return int(found[-1]) if found else 0
 
 
-def qemu_args(socket: Path, qmp: Path) -> list[str]:
-    return [
-        *render_args("vdev-blk", id="disk0", socket=socket, queues=1),
-        *["-qmp", f"unix:{qmp},server=on,wait=off"],
-    ]
-
-
-async def wait_for_path(path: Path, timeout: float = 30.0) -> None:
-    with trio.fail_after(timeout):
-        while not path.exists():
-            await trio.sleep(0.05)
+def disk_args(socket: Path) -> list[str]:
+    return render_args("vdev-blk", id="disk0", socket=socket, queues=1)
 
 
 async def test_a_guest_keeps_writing_and_verifying_its_disk_across_live_migration(
@@ -107,27 +98,15 @@ async def test_a_guest_keeps_writing_and_verifying_its_disk_across_live_migratio
         f.truncate(IMAGE_SIZE)
     source_daemon = await vdev_daemon("blk", "--backend", "file", "--path", str(image))
     target_daemon = await vdev_daemon("blk", "--backend", "file", "--path", str(image))
-    qmp_source, qmp_target = vdev_socket_dir / "qmp-src.sock", vdev_socket_dir / "qmp-dst.sock"
-    incoming = vdev_socket_dir / "migrate.sock"
-    args = qemu_args(source_daemon.socket, qmp_source)
+    args = [*disk_args(source_daemon.socket), *qmp_args(vdev_socket_dir / "qmp-src.sock")]
     async with vdev_guest.start(SCRIPT, qemu_args=args, kernel_args=KERNEL_ARGS) as source:
         with trio.fail_after(120):
             await source.wait_for("READY")
-        target_args = qemu_args(target_daemon.socket, qmp_target)
-        async with (
-            start_incoming(source, f"unix:{incoming}", target_args) as target,
-            QmpClient.connect(qmp_source) as qmp,
-            QmpClient.connect(qmp_target) as target_qmp,
-        ):
-            await wait_for_path(incoming)
-            await qmp.execute("migrate-set-parameters", **{"max-bandwidth": 32 * MiB})
-            with trio.fail_after(30):
-                while rounds(source) < 3:  # migrate while the guest works
-                    await trio.sleep(0.1)
-            await qmp.execute("migrate", uri=f"unix:{incoming}")
-            await qmp.wait_migration()
-            assert (await target_qmp.execute("query-status"))["status"] == "running"
-            assert (await qmp.execute("query-status"))["status"] == "postmigrate"
+        with trio.fail_after(30):
+            while rounds(source) < 3:  # migrate while the guest works
+                await trio.sleep(0.1)
+        target_args = disk_args(target_daemon.socket)
+        async with migrated(source, vdev_socket_dir, target_args) as target:
             migrated_at = rounds(target)
             with trio.fail_after(120):
                 while rounds(target) < migrated_at + ROUNDS_AFTER:
