@@ -2,12 +2,18 @@
 ``-incoming`` destination), each with its own `vdev run` daemon on the same image file,
 ``migrate`` over a Unix socket through QMP while the guest writes and verifies.
 
-The guest writes a new 4 KiB block per round and reads back every block written so
-far twice: once from the device (the page cache dropped: vdev writes the data into
-guest memory, which the dirty log must report) and once from the page cache (pages
-vdev wrote on the source, read on the destination). It stops when the host writes
-STOP into the image, once the destination has served a few rounds; the host then
-checks every block in the image file.
+Each round the guest writes a new 4 KiB block and rewrites one of a few slots
+(O_DIRECT: the page cache is not written by the CPU), drops its page cache and reads
+everything back from the device (vdev writes it into guest memory), then, at the start
+of the next round, from the page cache (pages vdev filled, maybe on the source). It
+stops when the host writes STOP into the image, once the destination has served a few
+rounds; the host then checks every block in the image file.
+
+What it proves: the destination resumes each ring where the source stopped (SET_STATUS
+0, then GET_VRING_BASE) and no write is lost or misplaced across the switch-over. It
+does not prove the dirty log's marks: with vdev's marking switched off it still passed
+(QEMU 7.2, TCG, 4 of 4 runs), so those are tested with `vdev.testing` in
+tests/core/test_dirty_log.py.
 """
 
 from __future__ import annotations
@@ -26,14 +32,13 @@ MiB = 1 << 20
 BLOCK = 4096
 MAX_BLOCKS = 2000
 #: Blocks the guest rewrites round after round (slot n % SLOTS in round n), after the
-#: others: their page cache pages change contents, so a page vdev filled on the source
-#: and that the migration did not send again reads wrong on the destination.
-SLOTS = 16
+#: others: their page cache pages change contents from round to round.
+SLOTS = 4
 SLOT_BLOCK = MAX_BLOCKS
 STOP_BLOCK = SLOT_BLOCK + SLOTS
 IMAGE_SIZE = 16 * MiB
 #: The Debian kernel zeroes every page it allocates (init_on_alloc): a CPU write that
-#: QEMU tracks, which would hide a page cache page vdev filled but did not log.
+#: QEMU tracks, which would hide any page cache page vdev filled but did not log.
 KERNEL_ARGS = "init_on_alloc=0"
 #: Rounds the destination must serve before the guest is told to stop.
 ROUNDS_AFTER = 5
@@ -50,7 +55,7 @@ n=0
 : > /tmp/expect
 dd if=/dev/zero of=/tmp/slots bs={BLOCK} count={SLOTS} 2>/dev/null
 put() {{  # block $2 of file $1 to block $3 of the disk, synced
-    dd if=$1 of=/dev/vda bs={BLOCK} skip=$2 seek=$3 count=1 conv=notrunc,fsync 2>/dev/null
+    dd if=$1 of=/dev/vda bs={BLOCK} skip=$2 seek=$3 count=1 oflag=direct 2>/dev/null
 }}
 verify() {{
     dd if=/dev/vda of=/tmp/got bs={BLOCK} count=$n 2>/dev/null
@@ -86,6 +91,14 @@ def rounds(guest: Guest) -> int:
     return int(found[-1]) if found else 0
 
 
+async def until_round(guest: Guest, n: int, timeout: float = 120) -> None:
+    """Wait for the guest to report round `n`; AssertionError if its script failed."""
+    with trio.fail_after(timeout):
+        while rounds(guest) < n:
+            assert "MISMATCH" not in guest.console, guest.console[-2000:]
+            await trio.sleep(0.1)
+
+
 def disk_args(socket: Path) -> list[str]:
     return render_args("vdev-blk", id="disk0", socket=socket, queues=1)
 
@@ -102,15 +115,11 @@ async def test_a_guest_keeps_writing_and_verifying_its_disk_across_live_migratio
     async with vdev_guest.start(SCRIPT, qemu_args=args, kernel_args=KERNEL_ARGS) as source:
         with trio.fail_after(120):
             await source.wait_for("READY")
-        with trio.fail_after(30):
-            while rounds(source) < 3:  # migrate while the guest works
-                await trio.sleep(0.1)
+        await until_round(source, 3)  # migrate while the guest works
         target_args = disk_args(target_daemon.socket)
         async with migrated(source, vdev_socket_dir, target_args) as target:
             migrated_at = rounds(target)
-            with trio.fail_after(120):
-                while rounds(target) < migrated_at + ROUNDS_AFTER:
-                    await trio.sleep(0.1)
+            await until_round(target, migrated_at + ROUNDS_AFTER)
             with image.open("r+b") as f:
                 f.seek(STOP_BLOCK * BLOCK)
                 f.write(b"STOP")
