@@ -15,6 +15,9 @@ MiB = 1 << 20
 #: Slow enough for the precopy to iterate (several dirty-log syncs) while the guest
 #: works, fast enough to end in seconds: a 512M guest sends some 80 MB.
 BANDWIDTH = 32 * MiB
+#: Generous (QEMU's default is 300 ms): a guest reading 16 MiB a second into its
+#: page cache dirties it faster than the precopy could otherwise catch up.
+DOWNTIME_MS = 1000
 
 
 def qmp_args(path: Path) -> list[str]:
@@ -40,7 +43,10 @@ async def migrated(
         with trio.fail_after(30):
             while not incoming.exists():
                 await trio.sleep(0.05)
-        await qmp.execute("migrate-set-parameters", **{"max-bandwidth": BANDWIDTH})
+        await qmp.execute(
+            "migrate-set-parameters",
+            **{"max-bandwidth": BANDWIDTH, "downtime-limit": DOWNTIME_MS},
+        )
         await qmp.execute("migrate", uri=f"unix:{incoming}")
         await qmp.wait_migration()
         assert (await target_qmp.execute("query-status"))["status"] == "running"

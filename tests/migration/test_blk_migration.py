@@ -18,6 +18,7 @@ tests/core/test_dirty_log.py.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -93,10 +94,12 @@ def rounds(guest: Guest) -> int:
 
 async def until_round(guest: Guest, n: int, timeout: float = 120) -> None:
     """Wait for the guest to report round `n`; AssertionError if its script failed."""
-    with trio.fail_after(timeout):
+    with trio.move_on_after(timeout):
         while rounds(guest) < n:
             assert "MISMATCH" not in guest.console, guest.console[-2000:]
             await trio.sleep(0.1)
+        return
+    raise AssertionError(f"no round {n} in {timeout} s:\n{guest.console[-2000:]}")
 
 
 def disk_args(socket: Path) -> list[str]:
@@ -134,3 +137,60 @@ async def test_a_guest_keeps_writing_and_verifying_its_disk_across_live_migratio
     with image.open("rb") as f:
         for i in range(done):
             assert f.read(BLOCK) == block(i), f"block {i} of {done}"
+
+
+WINDOW_MIB = 16
+WINDOWS = 8
+#: Each round reads the next window of random data from the device into the page cache
+#: (vdev writes it into pages that held other data), and compares it, the next round,
+#: with what the page cache holds then: on the destination, a page vdev filled after
+#: the migration had sent it and did not mark in the dirty log holds old data there.
+READ_SCRIPT = f"""
+set -e
+md5() {{  # of window $1
+    dd if=/dev/vda bs=1M skip=$(($1 * {WINDOW_MIB})) count={WINDOW_MIB} 2>/dev/null | md5sum
+}}
+k=0
+echo READY
+while :; do
+    if [ $k -gt 0 ] && [ "$(md5 $prev)" != "$device" ]; then
+        echo "MISMATCH in the page cache, window $prev"; exit 1
+    fi
+    echo 3 > /proc/sys/vm/drop_caches
+    stop=$(dd if=/dev/vda bs=1M skip={WINDOWS * WINDOW_MIB} count=1 2>/dev/null | head -c 4)
+    prev=$((k % {WINDOWS}))
+    device=$(md5 $prev)
+    k=$((k + 1))
+    echo "round $k"
+    [ "$stop" = STOP ] && break
+    [ $k -lt 1000 ] || {{ echo "never told to stop"; exit 1; }}
+done
+echo "DONE $k"
+"""
+
+
+async def test_what_vdev_reads_into_guest_memory_during_migration_reaches_the_target(
+    tmp_path: Path, vdev_daemon: DaemonFactory, vdev_guest: GuestRunner, vdev_socket_dir: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        for _ in range(WINDOWS * WINDOW_MIB):
+            f.write(os.urandom(MiB))
+        f.truncate((WINDOWS * WINDOW_MIB + 1) * MiB)
+    source_daemon = await vdev_daemon("blk", "--backend", "file", "--path", str(image))
+    target_daemon = await vdev_daemon("blk", "--backend", "file", "--path", str(image))
+    args = [*disk_args(source_daemon.socket), *qmp_args(vdev_socket_dir / "qmp-src.sock")]
+    async with vdev_guest.start(READ_SCRIPT, qemu_args=args, kernel_args=KERNEL_ARGS) as source:
+        with trio.fail_after(120):
+            await source.wait_for("READY")
+        await until_round(source, 2)
+        async with migrated(source, vdev_socket_dir, disk_args(target_daemon.socket)) as target:
+            migrated_at = rounds(target)
+            await until_round(target, migrated_at + 3)
+            with image.open("r+b") as f:
+                f.seek(WINDOWS * WINDOW_MIB * MiB)
+                f.write(b"STOP")
+            with trio.fail_after(120):
+                result = await target.wait()
+    assert result.exit_code == 0, result.console
+    assert result.output.splitlines()[-1].startswith("DONE "), result.output
