@@ -133,11 +133,11 @@ class Vring:
             self.base = self.ring.get_base()
             self.ring = None
 
-    def set_log(self, log: DirtyLog | None) -> None:
-        """Mark the device's writes in `log` (None: stop), the ring's own stores too
+    def set_log(self, dirty: DirtyLog | None) -> None:
+        """Mark the device's writes in `dirty` (None: stop), the ring's own stores too
         when SET_VRING_ADDR asked for it (VHOST_VRING_F_LOG); takes effect at once on a
         running ring. VirtioError if the log does not cover the ring (nothing changes)."""
-        previous, self.log = self.log, log
+        previous, self.log = self.log, dirty
         try:
             self._apply_log()
         except BaseException:
@@ -145,15 +145,15 @@ class Vring:
             raise
 
     def _apply_log(self) -> None:
-        ring, log, address = self.ring, self.log, self.address
+        ring, dirty, address = self.ring, self.log, self.address
         if ring is None or address is None:
             return
-        if log is None or not address.flags & VHOST_VRING_F_LOG:
-            ring.set_log(log)
+        if dirty is None or not address.flags & VHOST_VRING_F_LOG:
+            ring.set_log(dirty)
             return
         assert self.memory is not None
         desc = self.memory.user_to_gpa(address.desc_user_addr)
-        ring.set_log(log, desc, address.log_guest_addr)
+        ring.set_log(dirty, desc, address.log_guest_addr)
 
     def set_kick(self, fd: int | None) -> None:
         close_fd(self.kick_fd)

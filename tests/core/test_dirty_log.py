@@ -133,3 +133,24 @@ async def test_a_ring_beyond_the_log_fails_alone_when_logging_starts(tmp_path):
         assert failure is not None and "beyond the dirty log" in failure
         log.close()
     device.close()
+
+
+async def test_a_new_log_replaces_the_old_one_while_logging(tmp_path):
+    """QEMU hands over a bigger log when guest memory grows, logging on: once the
+    device answers, it marks the new log only (the front-end frees the old one)."""
+    path = tmp_path / "blk.sock"
+    device = BlkDevice(RamBackend(4 * MiB))
+    async with serve_device(device, path), Frontend.connect(path) as fe:
+        queue, features = await migrating_frontend(fe, packed=False)
+        old = await fe.set_log_base(LOG_SIZE)
+        await fe.send(Request.SET_FEATURES, features | VHOST_F_LOG_ALL, need_reply=True)
+        first = await read(queue, 0, 4096)
+        assert set(dirty_pages(old)) >= first
+        old[:] = bytes(LOG_SIZE)
+        new = await fe.set_log_base(2 * LOG_SIZE)
+        second = await read(queue, 8, 4096)
+        assert dirty_pages(old) == []
+        assert set(dirty_pages(new)) >= second
+        old.close()
+        new.close()
+    device.close()
