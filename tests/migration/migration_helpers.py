@@ -49,6 +49,9 @@ async def migrated(
         )
         await qmp.execute("migrate", uri=f"unix:{incoming}")
         await qmp.wait_migration()
-        assert (await target_qmp.execute("query-status"))["status"] == "running"
+        # The source is done once it sent everything; the target runs a moment later.
+        with trio.fail_after(30):
+            while (await target_qmp.execute("query-status"))["status"] != "running":
+                await trio.sleep(0.05)
         assert (await qmp.execute("query-status"))["status"] == "postmigrate"
         yield target
