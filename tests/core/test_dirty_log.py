@@ -57,9 +57,9 @@ def ring_pages(queue: FrontendQueue, packed: bool) -> set[int]:
 
 async def migrating_frontend(fe: Frontend, packed: bool) -> tuple[FrontendQueue, int]:
     """Negotiate without logging, set a queue up; return it and the features."""
-    offered = (await fe.send(Request.GET_FEATURES)).payload
-    assert offered & VHOST_F_LOG_ALL
-    features = await fe.negotiate(offered & ~VHOST_F_LOG_ALL, packed=packed)
+    assert (await fe.send(Request.GET_FEATURES)).payload & VHOST_F_LOG_ALL
+    features = await fe.negotiate(packed=packed)
+    assert not features & VHOST_F_LOG_ALL
     assert fe.protocol_features & ProtocolFeature.LOG_SHMFD
     return await fe.setup_queue(0), features
 

@@ -42,7 +42,7 @@ from vdev.protocol import (
     VringFile,
     VringState,
 )
-from vdev.protocol.constants import VHOST_VRING_F_LOG
+from vdev.protocol.constants import VHOST_F_LOG_ALL, VHOST_VRING_F_LOG
 from vdev.server import DeviceServer
 from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
 from vdev.testing.fakemem import FakeGuestMemory
@@ -199,7 +199,8 @@ class Frontend:
     async def negotiate(self, features: int | None = None, *, packed: bool = False) -> int:
         """SET_OWNER, features, protocol features, memory table; return acked features.
 
-        `features` defaults to everything offered except RING_PACKED (unless `packed`).
+        `features` defaults to everything offered except VHOST_F_LOG_ALL and RING_PACKED
+        (unless `packed`).
         """
         await self.send(Request.SET_OWNER)
         offered = (await self.send(Request.GET_FEATURES)).payload  # type: ignore[union-attr]
@@ -213,8 +214,10 @@ class Frontend:
             await self.send(Request.SET_PROTOCOL_FEATURES, self.protocol_features)
             if self.protocol_features & ProtocolFeature.BACKEND_REQ:
                 await self.open_backend_channel()
-        if features is None:
-            features = offered if packed else offered & ~VirtioFeature.RING_PACKED
+        if features is None:  # QEMU acks VHOST_F_LOG_ALL only while it migrates
+            features = offered & ~VHOST_F_LOG_ALL
+            if not packed:
+                features &= ~VirtioFeature.RING_PACKED
         self.features = features
         await self.send(Request.SET_FEATURES, features, need_reply=self._acks)
         await self.set_mem_table()
