@@ -10,9 +10,10 @@ SUDO=""
 
 # qemu-utils brings qemu-storage-daemon (the C reference in benchmarks); busybox-static,
 # fio, e2fsprogs and util-linux are copied into the test guest's initramfs.
+# libatomic1 gives the dirty log of a live migration its atomic OR (vdev/virtio/dirtylog.py).
 # libvirt-clients (virt-xml-validate, which runs xmllint from libxml2-utils) checks the
 # libvirt snippets in qemu-configs/.
-APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio e2fsprogs util-linux iproute2 kmod dpdk-dev librte-net-virtio23 librte-net-vhost23 libvirt-clients libxml2-utils)
+APT_PACKAGES=(qemu-system-x86 qemu-utils libatomic1 busybox-static fio e2fsprogs util-linux iproute2 kmod dpdk-dev librte-net-virtio23 librte-net-vhost23 libvirt-clients libxml2-utils)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

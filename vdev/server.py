@@ -32,6 +32,7 @@ from vdev.protocol import (
     BackendRequest,
     DeviceConfig,
     InflightDescription,
+    LogDescription,
     MemoryRegionUpdate,
     MemoryTable,
     Message,
@@ -41,7 +42,10 @@ from vdev.protocol import (
     VringAddress,
     VringState,
 )
+from vdev.protocol.constants import VHOST_F_LOG_ALL
 from vdev.protocol.describe import SessionTrace
+from vdev.virtio import dirtylog
+from vdev.virtio.dirtylog import DirtyLog
 from vdev.virtio.errors import VirtioError
 from vdev.virtio.features import TRANSPORT_FEATURES, VirtioFeature
 from vdev.virtio.inflight import InflightBuffer
@@ -80,7 +84,12 @@ CONFIG_CHANGE_TIMEOUT = 5.0
 def protocol_features(device: Device) -> int:
     """The vhost-user protocol features offered for `device`."""
     config = ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ if device.config_space else 0
-    return BASE_PROTOCOL_FEATURES | config | device.protocol_features
+    return BASE_PROTOCOL_FEATURES | config | _LOG_PROTOCOL_FEATURES | device.protocol_features
+
+
+#: Live migration (a dirty log) is offered where it works (`dirtylog.available`).
+_LOG_FEATURES = VHOST_F_LOG_ALL if dirtylog.available() else 0
+_LOG_PROTOCOL_FEATURES = ProtocolFeature.LOG_SHMFD if dirtylog.available() else 0
 
 
 class ServerError(Exception):
@@ -189,7 +198,7 @@ class Session:
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.status = 0
         self.conn = BackendConnection(
-            features=device.features() | TRANSPORT_FEATURES | F_PROTOCOL_FEATURES,
+            features=device.features() | TRANSPORT_FEATURES | F_PROTOCOL_FEATURES | _LOG_FEATURES,
             protocol_features=protocol_features(device),
             num_queues=device.num_queues,
             max_queue_size=device.max_queue_size,
@@ -200,6 +209,12 @@ class Session:
         self.inflight: InflightBuffer | None = None
         #: The back-end channel, once the front-end sent SET_BACKEND_REQ_FD.
         self.backend_link: BackendLink | None = None
+        #: The dirty log (SET_LOG_BASE), marked while VHOST_F_LOG_ALL is acked.
+        self.log: DirtyLog | None = None
+        self.logging = False
+        #: SET_LOG_FD's eventfd: kept, never signalled (no front-end waits on it; QEMU
+        #: 7.2 does not send it).
+        self.log_fd: int | None = None
         self.trace = SessionTrace(name, (VirtioFeature,)) if trace else None
 
     async def run(self) -> None:
@@ -223,6 +238,9 @@ class Session:
             for vring in self.vrings:
                 vring.close()
             self._set_inflight(None)
+            if self.log is not None:
+                self.log.close()
+            self._set_log_fd(None)
             self.memory.close()
             # Unmaps the departed front-end's memory wherever else it is mapped (a
             # driver-domain child).
@@ -304,7 +322,12 @@ class Session:
 
     async def _on_set_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, int)
-        self.device.set_features(msg.payload)
+        features = msg.payload & ~VHOST_F_LOG_ALL
+        # QEMU switches logging on and off with SET_FEATURES while the rings run: the
+        # device is only told when its own features change.
+        if msg.payload ^ self.conn.acked_features != VHOST_F_LOG_ALL:
+            self.device.set_features(features)
+        self._set_logging(bool(msg.payload & VHOST_F_LOG_ALL))
 
     async def _on_reset_owner(self, msg: Message) -> None:
         await self._reset()
@@ -373,7 +396,10 @@ class Session:
 
     async def _on_set_vring_addr(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringAddress)
-        self._vring(msg.payload).address = msg.payload
+        vring = self._vring(msg.payload)
+        vring.address = msg.payload
+        if vring.running:  # QEMU sets VHOST_VRING_F_LOG this way as migration starts
+            vring.set_log(vring.log)
 
     async def _on_set_vring_base(self, msg: Message) -> None:
         vring = self._vring(msg.payload)
@@ -423,11 +449,7 @@ class Session:
         assert isinstance(msg.payload, int)
         self.status = msg.payload
         if self.status == 0:
-            # QEMU 7.2 stops a device with SET_STATUS 0 before it asks for each queue's
-            # base (vhost_dev_stop, then GET_VRING_BASE): the queues stop, remembering
-            # their bases, and the front-end sets them up again before they restart.
-            await self._stop_all()
-            self.device.reset()
+            await self._stop_device()
 
     async def _on_get_status(self, msg: Message) -> int:
         return self.status
@@ -458,6 +480,52 @@ class Session:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = buffer
+
+    async def _on_set_log_base(self, msg: Message) -> int:
+        assert isinstance(msg.payload, LogDescription)
+        try:
+            new = DirtyLog(msg.fds[0], msg.payload.mmap_size, msg.payload.mmap_offset)
+        finally:
+            os.close(msg.fds[0])
+        try:
+            for region in self.memory.regions:
+                new.check(region.guest_phys_addr, region.size, "guest memory")
+        except VirtioError:
+            new.close()
+            raise
+        # Rings marking the old log stop first: once we answer, the front-end reads
+        # the old log one last time and frees it.
+        async with self._stopped_vrings() if self.logging else contextlib.nullcontext():
+            if self.log is not None:
+                self.log.close()
+            self.log = new
+            for vring in self.vrings:
+                vring.log = self._ring_log()
+        log.info("%s: dirty log of %d bytes", self.name, new.size)
+        return 0
+
+    async def _on_set_log_fd(self, msg: Message) -> None:
+        self._set_log_fd(msg.fds[0])
+
+    def _set_log_fd(self, fd: int | None) -> None:
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+        self.log_fd = fd
+
+    def _ring_log(self) -> DirtyLog | None:
+        """The log the rings mark now (None: the front-end is not migrating)."""
+        return self.log if self.logging else None
+
+    def _set_logging(self, on: bool) -> None:
+        if on != self.logging:
+            log.info("%s: dirty logging %s", self.name, "on" if on else "off")
+        self.logging = on
+        ring_log = self._ring_log()
+        for vring in self.vrings:
+            try:
+                vring.set_log(ring_log)
+            except VirtioError as exc:
+                vring.fail(f"cannot log its writes: {exc}")
 
     async def _on_set_backend_req_fd(self, msg: Message) -> None:
         link = BackendLink(msg.fds[0])
@@ -519,6 +587,7 @@ class Session:
         region = None
         if inflight is not None and vring.index < inflight.num_queues:
             region = inflight.region(vring.index)
+        vring.log = self._ring_log()
         await vring.start(self._workers, self.memory, self.device.acked_features, region)
 
     async def _memory_changed(self) -> None:
@@ -563,6 +632,16 @@ class Session:
         await self._stop_all()
         for vring in self.vrings:
             vring.close()
+        self.logging = False
+        self.device.reset()
+
+    async def _stop_device(self) -> None:
+        """SET_STATUS 0: stop the rings and reset the device, but keep each ring's
+        position for GET_VRING_BASE. QEMU 7.2 stops a device with SET_STATUS 0 first,
+        then GET_VRING_BASE for each ring (`vhost_dev_stop`), and migrates that base."""
+        await self._stop_all()
+        for vring in self.vrings:
+            vring.started = False  # serves again only once set up again (SET_VRING_KICK)
         self.device.reset()
 
 

@@ -16,7 +16,9 @@ import os
 import trio
 
 from vdev.protocol import VringAddress
+from vdev.protocol.constants import VHOST_VRING_F_LOG
 from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.dirtylog import DirtyLog
 from vdev.virtio.features import VirtioFeature
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Virtqueue, initial_base, make_queue
@@ -60,6 +62,8 @@ class Vring:
         self.kicks = 0
         self.notifies = 0
         self.polls = 0
+        #: The dirty log the ring marks, while the front-end migrates (`set_log`).
+        self.log: DirtyLog | None = None
         self._worker: QueueWorker | None = None
 
     # --- control (called by the server) -------------------------------------------
@@ -107,6 +111,7 @@ class Vring:
             self.counters["resubmitted"] = self.counters.get("resubmitted", 0) + self.ring.recovered
         self.failure = None
         self.memory = memory
+        self._apply_log()
         self._worker = await workers.get(self.index)
         self._worker.attach(self)
         log.debug("queue %d started (size %d)", self.index, self.size)
@@ -133,6 +138,28 @@ class Vring:
         if self.ring is not None:
             self.base = self.ring.get_base()
             self.ring = None
+
+    def set_log(self, dirty: DirtyLog | None) -> None:
+        """Mark the device's writes in `dirty` (None: stop), the ring's own stores too
+        when SET_VRING_ADDR asked for it (VHOST_VRING_F_LOG); takes effect at once on a
+        running ring. VirtioError if the log does not cover the ring (nothing changes)."""
+        previous, self.log = self.log, dirty
+        try:
+            self._apply_log()
+        except BaseException:
+            self.log = previous
+            raise
+
+    def _apply_log(self) -> None:
+        ring, dirty, address = self.ring, self.log, self.address
+        if ring is None or address is None:
+            return
+        if dirty is None or not address.flags & VHOST_VRING_F_LOG:
+            ring.set_log(dirty)
+            return
+        assert self.memory is not None
+        desc = self.memory.user_to_gpa(address.desc_user_addr)
+        ring.set_log(dirty, desc, address.log_guest_addr)
 
     def set_kick(self, fd: int | None) -> None:
         close_fd(self.kick_fd)

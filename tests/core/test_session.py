@@ -189,15 +189,22 @@ async def test_a_failed_listen_leaves_no_file(tmp_path):
 @pytest.mark.parametrize("packed", [False, True])
 async def test_status_0_before_get_vring_base_keeps_the_base(sock_path, packed):
     """QEMU 7.2 stops a device (vhost_dev_stop) with SET_STATUS 0, then SET_VRING_ENABLE
-    0, then GET_VRING_BASE: the base it gets must be where the queue stopped."""
-    async with serve_device(EchoDevice(1), sock_path), Frontend.connect(sock_path) as fe:
+    0, then GET_VRING_BASE, and migrates that base: the reset must not lose it."""
+    device = EchoDevice(1)
+    async with serve_device(device, sock_path), Frontend.connect(sock_path) as fe:
         await fe.negotiate(packed=packed)
         assert fe.protocol_features & ProtocolFeature.STATUS
         queue = await fe.setup_queue(0)
         for i in range(5):
             await queue.transact([b"request %d" % i], [16])
-        await fe.send(Request.SET_STATUS, 0, need_reply=True)
+        assert (await fe.send(Request.SET_STATUS, 0, need_reply=True)).payload == 0
+        assert device.acked_features == 0  # the device was reset
         await fe.send(Request.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
         base = await fe.stop_queue(0)
+        # A ring left alone by status 0 stays stopped until it is set up again.
+        queue.add([b"late"], [4])
+        queue.kick()
+        with pytest.raises(FrontendError):
+            await queue.wait_used(1, timeout=0.3)
     # packed: 5 chains of 2 descriptors, next avail and used position 10, wraps 1
     assert base == (0x800A_800A if packed else 5)

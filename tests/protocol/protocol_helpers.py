@@ -13,6 +13,7 @@ from vdev.protocol import (
     DeviceConfig,
     FrontendConnection,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -45,6 +46,7 @@ PAYLOADS: dict[PayloadKind, st.SearchStrategy[object]] = {
         lambda data: st.builds(DeviceConfig, u32, st.just(len(data)), u32, st.just(data))
     ),
     PayloadKind.INFLIGHT: st.builds(InflightDescription, u64, u64, u16, u16),
+    PayloadKind.LOG: st.builds(LogDescription, u64, u64),
 }
 
 

@@ -16,6 +16,7 @@ from vdev.protocol import (
     DeviceConfig,
     HeaderFlag,
     LocalProtocolError,
+    LogDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -218,7 +219,12 @@ INVALID: list[tuple[int, bytes, int, str]] = [
         0,
         "feature bits 0x10000000000 were never offered",
     ),
-    (Request.SET_PROTOCOL_FEATURES, u64(ProtocolFeature.LOG_SHMFD), 0, "protocol feature bits 0x2"),
+    (
+        Request.SET_PROTOCOL_FEATURES,
+        u64(ProtocolFeature.CROSS_ENDIAN),
+        0,
+        "protocol feature bits 0x40",
+    ),
     (Request.SET_MEM_TABLE, table(), 0, "memory table without regions"),
     (Request.SET_MEM_TABLE, table(REGION, REGION2), 1, "1 fds, expected one fd per region"),
     (Request.SET_MEM_TABLE, table(REGION), 2, "2 fds, expected one fd per region"),
@@ -254,8 +260,10 @@ INVALID: list[tuple[int, bytes, int, str]] = [
     (Request.RESET_DEVICE, b"", 1, "1 fds, expected no fd"),
     (Request.NET_SET_MTU, b"\0" * 4, 0, "payload is 4 bytes"),
     (Request.SEND_RARP, MAC, 0, "payload is 6 bytes, expected 8"),
-    (Request.SET_LOG_BASE, b"\0" * 16, 1, "request is not supported"),
-    (Request.SET_LOG_FD, b"", 1, "request is not supported"),
+    (Request.SET_LOG_BASE, b"\0" * 16, 1, "dirty log of 0 bytes at offset 0"),
+    (Request.SET_LOG_BASE, b"\0" * 8, 1, "payload is 8 bytes, expected 16"),
+    (Request.SET_LOG_BASE, LogDescription(4096, 0).encode(), 0, "0 fds, expected exactly one"),
+    (Request.SET_LOG_FD, b"", 1, "VHOST_F_LOG_ALL was not offered"),
     (Request.IOTLB_MSG, b"\0" * 32, 0, "request is not supported"),
     (Request.SET_BACKEND_REQ_FD, b"", 0, "0 fds, expected exactly one fd"),
     (Request.SET_BACKEND_REQ_FD, b"", 2, "2 fds, expected exactly one fd"),
@@ -294,6 +302,11 @@ def test_invalid_requests(
     if request_ == Request.GET_CONFIG:
         expected_fatal = False
         assert replies == encode_message(Request.GET_CONFIG, HeaderFlag.VERSION | HeaderFlag.REPLY)
+    elif request_ == Request.SET_LOG_BASE:  # always answered, a failure with non-zero
+        expected_fatal = False
+        assert replies == encode_message(
+            request_, HeaderFlag.VERSION | HeaderFlag.REPLY, u64(FAILURE_ACK)
+        )
     else:
         expected_fatal = not need_reply or request_ in OWN_REPLY
         failure = encode_message(request_, HeaderFlag.VERSION | HeaderFlag.REPLY, u64(FAILURE_ACK))
@@ -467,9 +480,15 @@ def test_local_misuse(session: Session) -> None:
 @pytest.mark.parametrize(
     ("options", "text"),
     [
-        ({"protocol_features": int(ProtocolFeature.LOG_SHMFD)}, "not implemented"),
+        ({"protocol_features": int(ProtocolFeature.CROSS_ENDIAN)}, "not implemented"),
         ({"features": 1 << 32}, "without F_PROTOCOL_FEATURES"),
-        ({"features": FEATURES | 1 << 26}, "VHOST_F_LOG_ALL"),
+        (
+            {
+                "features": FEATURES | 1 << 26,
+                "protocol_features": int(SUPPORTED_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD),
+            },
+            "VHOST_F_LOG_ALL offered without LOG_SHMFD",
+        ),
         ({"features": FEATURES | 1 << 33}, "VIRTIO_F_ACCESS_PLATFORM"),
         ({"num_queues": 0}, "num_queues 0"),
         ({"num_queues": 257}, "num_queues 257"),

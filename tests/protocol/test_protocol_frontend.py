@@ -30,7 +30,9 @@ def test_send_encodes_header_and_payload() -> None:
     flags = HeaderFlag.VERSION | HeaderFlag.NEED_REPLY
     assert data == encode_message(Request.SET_VRING_NUM, flags, VringState(1, 128).encode())
     assert frontend.pending_replies == 0  # no REPLY_ACK sent yet
-    assert frontend.send(Request.SET_LOG_FD, b"") == encode_message(Request.SET_LOG_FD, 1)
+    assert frontend.send(Request.SET_VRING_ENDIAN, b"") == encode_message(
+        Request.SET_VRING_ENDIAN, 1
+    )
 
 
 def test_reply_expectations_follow_reply_ack() -> None:
@@ -68,8 +70,9 @@ def test_reply_expectations_follow_reply_ack() -> None:
         (Request.SET_VRING_KICK, VringFile(0, True), 0, "0 fds, expected one fd unless"),
         (Request.SET_MEM_TABLE, MemoryTable((MemoryRegion(0, 1, 0, 0),)), 2, "2 fds"),
         (Request.GET_FEATURES, None, 1, "1 fds, expected no fd"),
-        (Request.SET_LOG_BASE, 5, 0, "payload must be raw bytes"),
-        (Request.SET_LOG_FD, None, 9, "9 fds, at most 8"),
+        (Request.SET_VRING_ENDIAN, 5, 0, "payload must be raw bytes"),
+        (Request.SET_LOG_BASE, 5, 1, "must be LogDescription"),
+        (Request.SET_VRING_ENDIAN, None, 9, "9 fds, at most 8"),
     ],
 )
 def test_send_rejects_misuse(request_: Request, payload: object, nfds: int, text: str) -> None:

@@ -35,7 +35,7 @@ def result_for(event: Message) -> object:
             return VringState(index, 0)
         case DeviceConfig(size=size) if event.request is Request.GET_CONFIG:
             return bytes(size)
-    return 0 if event.request is Request.GET_STATUS else None
+    return 0 if event.request in (Request.GET_STATUS, Request.SET_LOG_BASE) else None
 
 
 @st.composite

@@ -417,7 +417,9 @@ class BlkDevice(Device):
             if status_byte is None:
                 return 0
             status_byte[0] = status
-            return 1  # only the status byte was written
+            # The used length counts from the first writable byte to the status byte
+            # (what a dirty log marks during a migration), data read or not.
+            return request.chain.writable_len if request.chain is not None else 1
         status_byte[0] = 0  # type: ignore[index]
         if kind == RequestType.IN:
             stats["bytes_read"] += request.length

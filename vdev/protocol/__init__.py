@@ -18,6 +18,7 @@ from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     DeviceConfig,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -47,6 +48,7 @@ __all__ = [
     "HeaderFlag",
     "InflightDescription",
     "LocalProtocolError",
+    "LogDescription",
     "MemoryRegion",
     "MemoryRegionUpdate",
     "MemoryTable",

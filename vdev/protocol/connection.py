@@ -34,6 +34,7 @@ from .messages import (
     U64,
     DeviceConfig,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -62,6 +63,8 @@ _U64_LIMIT = 1 << 64
 _STATUS_LIMIT = 1 << 8
 _SPLIT_BASE_LIMIT = 1 << 16
 _CONFIG_TYPES = frozenset(ConfigType)
+#: Names of the virtio feature bits that gate requests (`Rule.virtio_feature`).
+_GATE_FEATURES = {F_PROTOCOL_FEATURES: "F_PROTOCOL_FEATURES", VHOST_F_LOG_ALL: "VHOST_F_LOG_ALL"}
 
 
 @dataclass(frozen=True)
@@ -138,10 +141,10 @@ class BackendConnection:
             )
         if protocol_features and not features & F_PROTOCOL_FEATURES:
             raise LocalProtocolError("protocol features offered without F_PROTOCOL_FEATURES")
-        if features & (VHOST_F_LOG_ALL | VIRTIO_F_ACCESS_PLATFORM):
-            raise LocalProtocolError(
-                "VHOST_F_LOG_ALL and VIRTIO_F_ACCESS_PLATFORM are not implemented"
-            )
+        if features & VIRTIO_F_ACCESS_PLATFORM:
+            raise LocalProtocolError("VIRTIO_F_ACCESS_PLATFORM is not implemented")
+        if features & VHOST_F_LOG_ALL and not protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise LocalProtocolError("VHOST_F_LOG_ALL offered without LOG_SHMFD (the shared log)")
         if not 1 <= num_queues <= MAX_QUEUES:
             raise LocalProtocolError(f"num_queues {num_queues} is not in 1..{MAX_QUEUES}")
         if not 1 <= max_queue_size <= MAX_VIRTQUEUE_SIZE:
@@ -324,6 +327,9 @@ class BackendConnection:
         if request is Request.GET_CONFIG:
             self._send_reply(request, b"")  # spec: an empty GET_CONFIG reply is an error
             return True
+        if request is Request.SET_LOG_BASE:  # always answered: a failure is non-zero
+            self._send_reply(request, U64.pack(FAILURE_ACK))
+            return True
         if self.reply_ack and flags & HeaderFlag.NEED_REPLY and not has_own_reply(request):
             self._send_reply(request if request is not None else number, U64.pack(FAILURE_ACK))
             return True
@@ -351,7 +357,7 @@ class BackendConnection:
 
     def _check_gate(self, rule: Rule) -> None:
         if rule.virtio_feature and not self.features & rule.virtio_feature:
-            raise ValueError("F_PROTOCOL_FEATURES was not offered")
+            raise ValueError(f"{_GATE_FEATURES[rule.virtio_feature]} was not offered")
         feature = rule.protocol_feature
         if feature is not None:
             if not self.protocol_features & feature:
@@ -416,6 +422,9 @@ class BackendConnection:
                     raise ValueError(f"in-flight buffer for {d.num_queues} queues")
                 if not 1 <= d.queue_size <= self.max_queue_size:
                     raise ValueError(f"in-flight buffer for queues of {d.queue_size}")
+            case Request.SET_LOG_BASE, LogDescription(mmap_size=size, mmap_offset=offset):
+                if size == 0 or offset + size > _U64_LIMIT:
+                    raise ValueError(f"dirty log of {size} bytes at offset {offset}")
             case Request.SET_STATUS, int(status):
                 if status >= _STATUS_LIMIT:
                     raise ValueError(f"device status 0x{status:x} does not fit in 8 bits")

@@ -34,6 +34,7 @@ from .messages import (
     U64,
     DeviceConfig,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryRegionUpdate,
     MemoryTable,
@@ -290,6 +291,8 @@ def _kind_layout(kind: PayloadKind) -> Layout:
                     "flags": ConfigType(flags).name if known else flags,
                     "data": config,
                 }
+            case LogDescription() as log:
+                return {"mmap_size": hex(log.mmap_size), "mmap_offset": hex(log.mmap_offset)}
             case InflightDescription() as d:
                 return {
                     "mmap_size": hex(d.mmap_size),
@@ -358,15 +361,12 @@ def _config_reply(request: Request | BackendRequest | int, data: bytes, ctx: Con
     return _KIND_LAYOUTS[PayloadKind.DEVICE_CONFIG](request, data, ctx)
 
 
-_LOG = _struct_layout("=QQ", "mmap_size", "mmap_offset", hex_names=("mmap_size", "mmap_offset"))
 _IOTLB = _struct_layout(
     "=QQQBB6x", "iova", "size", "user_addr", "perm", "type", hex_names=("iova", "size", "user_addr")
 )
 
 #: Requests the protocol layer does not implement, with (request, reply) layouts.
 _EXTRA_REQUESTS: dict[Request, tuple[Layout, Layout]] = {
-    Request.SET_LOG_BASE: (_LOG, _ack),
-    Request.SET_LOG_FD: (_NONE, _ack),
     Request.SET_VRING_ENDIAN: (_VRING_STATE, _ack),
     Request.IOTLB_MSG: (_IOTLB, _ack),
     Request.GET_SHARED_OBJECT: (_uuid, _U64),
@@ -412,6 +412,8 @@ def _layout(channel: Channel, request: Request | BackendRequest, reply: bool) ->
         return _KIND_LAYOUTS[rule.payload]
     if rule.reply is PayloadKind.DEVICE_CONFIG:
         return _config_reply
+    if request is Request.SET_LOG_BASE:
+        return _ack  # its reply is always sent, but reads as an ack
     return _ack if rule.reply is None else _KIND_LAYOUTS[rule.reply]
 
 

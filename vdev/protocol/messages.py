@@ -73,6 +73,16 @@ class InflightDescription(_FixedPayload):
 
 
 @dataclass(frozen=True)
+class LogDescription(_FixedPayload):
+    """SET_LOG_BASE (with LOG_SHMFD): where the dirty log lies in the fd that travels
+    with it (VhostUserLog)."""
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    mmap_size: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True)
 class MemoryRegion(_FixedPayload):
     """One region of guest memory, mapped from the fd that travels with it."""
 
@@ -198,6 +208,7 @@ class PayloadKind(Enum):
     MEMORY_REGION = "memory region"
     DEVICE_CONFIG = "device config"
     INFLIGHT = "inflight description"
+    LOG = "log description"
 
 
 def _decode_none(data: bytes) -> None:
@@ -242,6 +253,7 @@ _CODECS: dict[PayloadKind, _Codec] = {
     PayloadKind.INFLIGHT: _Codec(
         InflightDescription, InflightDescription.decode, InflightDescription.encode
     ),
+    PayloadKind.LOG: _Codec(LogDescription, LogDescription.decode, LogDescription.encode),
 }
 
 

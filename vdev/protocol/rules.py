@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import cast
 
-from .constants import F_PROTOCOL_FEATURES, ProtocolFeature, Request
+from .constants import F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL, ProtocolFeature, Request
 from .messages import MemoryTable, PayloadKind, VringFile
 
 
@@ -61,6 +61,15 @@ RULES: dict[Request, Rule] = {
     Request.SET_FEATURES: Rule(PayloadKind.U64),
     Request.RESET_OWNER: Rule(),
     Request.SET_MEM_TABLE: Rule(PayloadKind.MEMORY_TABLE, fds=FdRule.PER_REGION),
+    # The back-end answers (u64 0) once it logs into the new log (spec: Migration).
+    Request.SET_LOG_BASE: Rule(
+        PayloadKind.LOG,
+        reply=PayloadKind.U64,
+        fds=FdRule.ONE,
+        protocol_feature=ProtocolFeature.LOG_SHMFD,
+        acked=True,
+    ),
+    Request.SET_LOG_FD: Rule(fds=FdRule.ONE, virtio_feature=VHOST_F_LOG_ALL),
     Request.SET_VRING_NUM: Rule(PayloadKind.VRING_STATE),
     Request.SET_VRING_ADDR: Rule(PayloadKind.VRING_ADDRESS),
     Request.SET_VRING_BASE: Rule(PayloadKind.VRING_STATE),
@@ -118,6 +127,7 @@ RULES: dict[Request, Rule] = {
 
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.RARP
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.NET_MTU

@@ -131,6 +131,10 @@ class _DriverRing(ABC):
     desc_addr: int
     avail_addr: int
     used_addr: int
+    #: Guest addresses of the areas the device writes: the descriptors (which a packed
+    #: ring's device writes) and the used ring (a packed ring's device event area).
+    desc_gpa: int
+    used_gpa: int
 
     def __init__(self, mem: DriverMemory, size: int, features: int) -> None:
         self.mem = mem
@@ -191,6 +195,14 @@ class _DriverRing(ABC):
         token = next(self._tokens)
         self._publish(token, tuple(elements), tuple(blocks), table)
         return token
+
+    def buffers(self, token: int) -> list[tuple[int, int, bool]]:
+        """(guest address, length, writable) of each buffer of chain `token`, until
+        `get_used` returns it."""
+        for in_flight in self._in_flight.values():
+            if in_flight.token == token:
+                return [(e.gpa, e.length, e.writable) for e in in_flight.elements]
+        raise KeyError(f"chain {token} is not in flight")
 
     def get_used(self) -> list[UsedBuffer]:
         """Collect the chains the device has completed, oldest first."""
@@ -282,6 +294,7 @@ class DriverSplitRing(_DriverRing):
         self.desc_addr = mem.user_addr(desc_gpa)
         self.avail_addr = mem.user_addr(avail_gpa)
         self.used_addr = mem.user_addr(used_gpa)
+        self.desc_gpa, self.used_gpa = desc_gpa, used_gpa
         self._used_event_offset = SPLIT_RING_OFFSET + 2 * size
         self._avail_event_offset = SPLIT_RING_OFFSET + USED_ELEM.size * size
         self._free_descs = list(range(size - 1, -1, -1))
@@ -386,6 +399,7 @@ class DriverPackedRing(_DriverRing):
         self.desc_addr = mem.user_addr(desc_gpa)
         self.avail_addr = mem.user_addr(driver_gpa)
         self.used_addr = mem.user_addr(device_gpa)
+        self.desc_gpa, self.used_gpa = desc_gpa, device_gpa
         self._next_avail, self._avail_wrap = 0, True
         self._next_used, self._used_wrap = 0, True
         self._free_slots = size

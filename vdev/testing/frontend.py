@@ -14,6 +14,8 @@ queues in memfd-backed guest memory, submit chains and check what comes back::
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -32,6 +34,7 @@ from vdev.protocol import (
     FrontendChannel,
     FrontendConnection,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -41,6 +44,7 @@ from vdev.protocol import (
     VringFile,
     VringState,
 )
+from vdev.protocol.constants import VHOST_F_LOG_ALL, VHOST_VRING_F_LOG
 from vdev.server import DeviceServer
 from vdev.testing.driver_rings import DriverPackedRing, DriverSplitRing, UsedBuffer
 from vdev.testing.fakemem import FakeGuestMemory
@@ -229,7 +233,8 @@ class Frontend:
     ) -> int:
         """SET_OWNER, features, protocol features, memory table; return acked features.
 
-        `features` defaults to everything offered except RING_PACKED (unless `packed`).
+        `features` defaults to everything offered except VHOST_F_LOG_ALL (QEMU acks it only
+        while migrating) and RING_PACKED (unless `packed`).
         An `inflight` buffer kept from a previous back-end goes to this one before the
         memory table, where QEMU 7.2's vhost_user_blk_start sends it (on a reconnect
         QEMU sends: SET_FEATURES, SET_INFLIGHT_FD, SET_FEATURES, the memory table, each
@@ -247,8 +252,10 @@ class Frontend:
             await self.send(Request.SET_PROTOCOL_FEATURES, self.protocol_features)
             if self.protocol_features & ProtocolFeature.BACKEND_REQ:
                 await self.open_backend_channel()
-        if features is None:
-            features = offered if packed else offered & ~VirtioFeature.RING_PACKED
+        if features is None:  # QEMU acks VHOST_F_LOG_ALL only while it migrates
+            features = offered & ~VHOST_F_LOG_ALL
+            if not packed:
+                features &= ~VirtioFeature.RING_PACKED
         self.features = features
         await self.send(Request.SET_FEATURES, features, need_reply=self._acks)
         if inflight is not None:
@@ -384,13 +391,35 @@ class Frontend:
         await self.send(Request.SET_VRING_CALL, VringFile(index, True), [call_fd], need_reply=ack)
         await self.send(Request.SET_VRING_NUM, VringState(index, ring.size), need_reply=ack)
         await self.send(Request.SET_VRING_BASE, VringState(index, base), need_reply=ack)
-        addr = VringAddress(index, 0, ring.desc_addr, ring.used_addr, ring.avail_addr, 0)
-        await self.send(Request.SET_VRING_ADDR, addr, need_reply=ack)
+        await self.send(Request.SET_VRING_ADDR, _vring_address(index, ring), need_reply=ack)
         await self.send(Request.SET_VRING_KICK, VringFile(index, True), [kick_fd], need_reply=ack)
         if self.features & F_PROTOCOL_FEATURES:
             await self.send(Request.SET_VRING_ENABLE, VringState(index, 1), need_reply=ack)
         self.queues[index] = queue
         return queue
+
+    async def set_log_base(self, size: int) -> mmap.mmap:
+        """Hand the device a dirty log of `size` bytes (SET_LOG_BASE: a sealed memfd,
+        as QEMU's) and return it mapped: read it with `vdev.virtio.dirtylog.dirty_pages`."""
+        fd = os.memfd_create("vdev-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            log = mmap.mmap(fd, size)
+            reply = await self.send(Request.SET_LOG_BASE, LogDescription(size, 0), [fd])
+        finally:
+            os.close(fd)
+        if reply is None or reply.payload != 0:
+            log.close()
+            raise FrontendError("the device refused the dirty log")
+        return log
+
+    async def log_rings(self, enabled: bool = True) -> None:
+        """Ask the device to log its stores into every queue's used ring, or not
+        (SET_VRING_ADDR with VHOST_VRING_F_LOG and the used ring's guest address)."""
+        for index, queue in self.queues.items():
+            address = _vring_address(index, queue.ring, log=enabled)
+            await self.send(Request.SET_VRING_ADDR, address, need_reply=self._acks)
 
     async def stop_queue(self, index: int) -> int:
         """GET_VRING_BASE: stop the queue; return the device's base."""
@@ -404,6 +433,13 @@ class Frontend:
         self.queues.clear()
         self.close_backend_channel()
         self.conn.close()
+
+
+def _vring_address(
+    index: int, ring: DriverSplitRing | DriverPackedRing, log: bool = False
+) -> VringAddress:
+    flags, log_addr = (VHOST_VRING_F_LOG, ring.used_gpa) if log else (0, 0)
+    return VringAddress(index, flags, ring.desc_addr, ring.used_addr, ring.avail_addr, log_addr)
 
 
 @asynccontextmanager

@@ -8,6 +8,7 @@ script's output and exit status; `start_guest` gives access to the guest while i
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -28,7 +29,7 @@ from typing import BinaryIO
 
 import trio
 
-from vdev.qemu import USERSPACE_MARKER, GuestCommand, cache_root, choose_accel
+from vdev.qemu import DEFAULT_APPEND, USERSPACE_MARKER, GuestCommand, cache_root, choose_accel
 from vdev.trioutil import unwrap_single
 
 log = logging.getLogger(__name__)
@@ -406,9 +407,19 @@ def _tail(text: str, lines: int = _TAIL_LINES) -> str:
 class Guest:
     """A running guest (see `start_guest`): its console so far, and ways to wait on it."""
 
-    def __init__(self, process: trio.Process, token: str) -> None:
+    def __init__(
+        self,
+        process: trio.Process,
+        token: str,
+        command: GuestCommand,
+        source: Guest | None = None,
+    ) -> None:
         self._process = process
         self._token = token
+        #: The QEMU command line it runs.
+        self.command = command
+        #: The guest this one was migrated from (`start_incoming`), if any.
+        self.source = source
         self._console = bytearray()
         self._stderr = bytearray()
         self._open_streams = 2
@@ -421,8 +432,10 @@ class Guest:
 
     @property
     def console(self) -> str:
-        """Everything the guest printed on its serial console so far."""
-        return self._console.decode(errors="replace").replace("\r\n", "\n")
+        """Everything the guest printed on its serial console so far (on the QEMU it
+        was migrated from first)."""
+        own = self._console.decode(errors="replace").replace("\r\n", "\n")
+        return own if self.source is None else self.source.console + own
 
     @property
     def qemu_stderr(self) -> str:
@@ -465,7 +478,7 @@ class Guest:
         status = await self._process.wait()
         match = re.search(
             rf"{_BEGIN}-{self._token}\r?\n(.*?)\r?\n{_END}-{self._token} rc=(\d+)",
-            self._console.decode(errors="replace"),
+            self.console,
             re.DOTALL,
         )
         if match is None:
@@ -482,11 +495,13 @@ async def start_guest(
     cpus: int = 1,
     accel: str = "auto",
     image: GuestImage | None = None,
+    kernel_args: str = "",
 ) -> AsyncIterator[Guest]:
     """Boot a guest that runs ``script`` under /bin/sh, and yield it while it runs.
 
     ``qemu_args`` are appended to the command line (devices, typically `render_args`
-    output); guest RAM is a shared memfd of size ``mem`` (None: ``qemu_args`` bring
+    output), ``kernel_args`` to the kernel's; guest RAM is a shared memfd of size
+    ``mem`` (None: ``qemu_args`` bring
     their own, as `vdev qemu-args` prints them). QEMU is killed when the block
     exits, however it exits: call `Guest.wait` first to let the guest finish.
     """
@@ -500,29 +515,57 @@ async def start_guest(
         initrd = Path(tmp) / "initramfs.cpio"
         await trio.to_thread.run_sync(_write_run_initrd, image.initramfs, initrd, script, token)
         command = GuestCommand(
-            image.kernel, initrd, mem=mem, cpus=cpus, accel=accel, extra_args=(qemu_args,)
+            image.kernel,
+            initrd,
+            append=f"{DEFAULT_APPEND} {kernel_args}".rstrip(),
+            mem=mem,
+            cpus=cpus,
+            accel=accel,
+            extra_args=(qemu_args,),
         )
-        argv = command.argv()
-        log.debug("booting guest: %s", shlex.join(argv))
-        run_qemu = partial(
-            trio.run_process,
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            check=False,
-        )
-        with unwrap_single():
-            async with trio.open_nursery() as nursery:
-                # Cancelling run_process terminates QEMU and waits for it to exit.
-                process = await nursery.start(run_qemu)
-                guest = Guest(process, token)
-                nursery.start_soon(guest._pump, process.stdout, guest._console)
-                nursery.start_soon(guest._pump, process.stderr, guest._stderr)
-                try:
-                    yield guest
-                finally:
-                    nursery.cancel_scope.cancel()
+        async with _running(command, token) as guest:
+            yield guest
+
+
+@asynccontextmanager
+async def start_incoming(source: Guest, uri: str, qemu_args: Sequence[str]) -> AsyncIterator[Guest]:
+    """Start a QEMU waiting to receive `source` by live migration (``-incoming uri``),
+    and yield it: the same machine, with `qemu_args` (its own devices: another
+    vhost-user socket, another QMP socket) in place of the source's. Start the
+    migration on the source (`vdev.testing.qmp`); the yielded guest's `Guest.wait`
+    returns the script's result once it finishes there. Open inside `source`'s block
+    (its initramfs must still exist)."""
+    command = dataclasses.replace(source.command, extra_args=(qemu_args, ["-incoming", uri]))
+    async with _running(command, source._token, source) as guest:
+        yield guest
+
+
+@asynccontextmanager
+async def _running(
+    command: GuestCommand, token: str, source: Guest | None = None
+) -> AsyncIterator[Guest]:
+    """Run QEMU with `command`; it is killed when the block exits."""
+    argv = command.argv()
+    log.debug("starting QEMU: %s", shlex.join(argv))
+    run_qemu = partial(
+        trio.run_process,
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            # Cancelling run_process terminates QEMU and waits for it to exit.
+            process = await nursery.start(run_qemu)
+            guest = Guest(process, token, command, source)
+            nursery.start_soon(guest._pump, process.stdout, guest._console)
+            nursery.start_soon(guest._pump, process.stderr, guest._stderr)
+            try:
+                yield guest
+            finally:
+                nursery.cancel_scope.cancel()
 
 
 async def run_guest(

@@ -443,12 +443,19 @@ class GuestRunner:
         accel: str = "auto",
         extra_binaries: Sequence[str] = (),
         extra_modules: Sequence[str] = (),
+        kernel_args: str = "",
     ) -> AsyncIterator[Guest]:
         """`vdev.testing.guest.start_guest` on the session's image: ``async with
         vdev_guest.start(script) as guest`` gives the running guest."""
         image = await self.images.get(extra_binaries, extra_modules)
         async with start_guest(
-            script, qemu_args=qemu_args, mem=mem, cpus=cpus, accel=accel, image=image
+            script,
+            qemu_args=qemu_args,
+            mem=mem,
+            cpus=cpus,
+            accel=accel,
+            image=image,
+            kernel_args=kernel_args,
         ) as guest:
             yield guest
 

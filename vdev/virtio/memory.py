@@ -398,6 +398,13 @@ class GuestMemory:
             )
         return _slice(region, uaddr - region.user_addr, length)
 
+    def user_to_gpa(self, uaddr: int) -> int:
+        """The guest address of front-end user address `uaddr`."""
+        region = self._table.find_user(uaddr)
+        if region is None:
+            raise GuestMemoryError(f"front-end address {uaddr:#x} is not mapped")
+        return region.guest_phys_addr + uaddr - region.user_addr
+
     def locate(self, view: memoryview) -> tuple[int, int]:
         """(index in `regions`, offset in that region) of a view into our memory.
 

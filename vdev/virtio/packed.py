@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.dirtylog import DirtyLog
 from vdev.virtio.errors import VirtioError
 from vdev.virtio.inflight import PackedInflight, RingDesc
 from vdev.virtio.layout import (
@@ -187,7 +188,21 @@ class PackedQueue(Virtqueue):
                 inflight.returning()
                 field[index] = flags
                 inflight.returned()
+        if self._log is not None and self._log_used is not None:
+            for index, _ in pending:  # the whole descriptor: id and len too
+                self._log.mark(self._log_desc + U16.size * index - PACKED_FLAGS_OFFSET, DESC_SIZE)  # type: ignore[operator]
         pending.clear()
+
+    def _log_used_entry(self, log: DirtyLog) -> None:
+        """Nothing yet: `_flush` marks each descriptor once its flags are stored."""
+
+    def _logged_areas(self, desc_gpa: int | None, used_gpa: int) -> list[tuple[str, int, int]]:
+        if desc_gpa is None:
+            raise VirtioError(f"queue {self.index}: a packed ring logs its descriptor stores")
+        return [
+            ("descriptor ring", desc_gpa, self._desc.nbytes),
+            ("device event suppression area", used_gpa, self._device_event.nbytes),
+        ]
 
     def _need_notify(self, pushed: int) -> bool:
         advanced, self._advanced = self._advanced, 0
@@ -208,3 +223,5 @@ class PackedQueue(Virtqueue):
             pos=self._next_avail,
             wrap=self._avail_wrap,
         )
+        if self._log is not None and self._log_used is not None:
+            self._log.mark(self._log_used, self._device_event.nbytes)

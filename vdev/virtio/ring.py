@@ -23,6 +23,10 @@ in what the driver wrote breaks that queue only: `pop` raises `DescriptorError`,
 With an in-flight region (`vdev.virtio.inflight`) the queue records each chain it hands
 out until its used entry is published, and after a crash of the previous owner hands
 out the recorded ones again, first and in their original order.
+
+With a dirty log (`set_log`, during a live migration) the queue marks every page the
+device wrote: the first `written` bytes of each filled chain's writable buffers, and,
+if asked, its own stores into the ring (used entries and index, suppression fields).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from vdev.virtio.layout import DESC_SIZE, F_INDIRECT, F_NEXT, F_WRITE, Fence
 from vdev.virtio.memory import GuestMemory
 
 if TYPE_CHECKING:
+    from vdev.virtio.dirtylog import DirtyLog
     from vdev.virtio.inflight import PackedInflight, SplitInflight
 
 logger = logging.getLogger(__name__)
@@ -82,6 +87,12 @@ class Virtqueue(ABC):
         #: how many of them were handed out again so far.
         self.recovered = 0
         self.resubmitted = 0
+        #: The dirty log, while the front-end migrates the guest (None: not logging).
+        self._log: DirtyLog | None = None
+        #: Guest addresses of the ring areas the device writes, to log those stores
+        #: (None: do not log them). See `set_log`.
+        self._log_desc: int | None = None
+        self._log_used: int | None = None
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else f"{len(self._in_flight)} in flight"
@@ -150,6 +161,8 @@ class Virtqueue(ABC):
         except KeyError:
             raise ValueError(f"{self!r}: chain {chain.head} is not in flight") from None
         self._fill(chain, written)
+        if self._log is not None:
+            self._log_fill(chain, written)
         if self._inflight is not None:
             self._inflight.filled(chain.head)
         self._unpublished += 1
@@ -186,6 +199,48 @@ class Virtqueue(ABC):
         self._set_kicks(True)
         self._fence()  # publish the request before looking at the ring again
         return self.has_available()
+
+    def set_log(
+        self, log: DirtyLog | None, desc_gpa: int | None = None, used_gpa: int | None = None
+    ) -> None:
+        """Mark what the device writes into guest memory in `log` from now on (None:
+        stop). With `used_gpa`, the guest address of the used ring (of the device event
+        area for a packed ring: SET_VRING_ADDR's log_guest_addr), the ring's own stores
+        are marked too; a packed ring's used descriptors at `desc_gpa` + their offset.
+
+        May be called while another thread serves the queue. VirtioError if the log does
+        not cover those areas (nothing changes then).
+        """
+        if log is not None and used_gpa is not None:
+            for name, gpa, length in self._logged_areas(desc_gpa, used_gpa):
+                log.check(gpa, length, name)
+        if log is None:
+            self._log = None
+        self._log_desc, self._log_used = desc_gpa, used_gpa
+        self._log = log
+
+    def _log_fill(self, chain: DescriptorChain, written: int) -> None:
+        """Mark the first `written` bytes of `chain`'s writable buffers, and the used
+        entry `_fill` just wrote."""
+        log = self._log
+        assert log is not None
+        addrs = chain.addrs
+        for i in range(2 * chain.nreadable, len(addrs), 2):
+            if written <= 0:
+                break
+            length = min(addrs[i + 1], written)
+            log.mark(addrs[i], length)
+            written -= length
+        if self._log_used is not None:
+            self._log_used_entry(log)
+
+    @abstractmethod
+    def _log_used_entry(self, log: DirtyLog) -> None:
+        """Mark the used entry `_fill` just wrote."""
+
+    @abstractmethod
+    def _logged_areas(self, desc_gpa: int | None, used_gpa: int) -> list[tuple[str, int, int]]:
+        """(name, guest address, length) of each ring area the device writes."""
 
     @abstractmethod
     def has_available(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from vdev.virtio.chain import DescriptorChain
+from vdev.virtio.dirtylog import DirtyLog
 from vdev.virtio.errors import VirtioError
 from vdev.virtio.inflight import SplitInflight
 from vdev.virtio.layout import (
@@ -162,6 +163,13 @@ class SplitQueue(Virtqueue):
             self._used, SPLIT_RING_OFFSET + USED_ELEM.size * slot, chain.head, written
         )
 
+    def _log_used_entry(self, log: DirtyLog) -> None:
+        slot = (self._used_idx + self._unpublished) % self.size
+        log.mark(self._log_used + SPLIT_RING_OFFSET + USED_ELEM.size * slot, USED_ELEM.size)  # type: ignore[operator]
+
+    def _logged_areas(self, desc_gpa: int | None, used_gpa: int) -> list[tuple[str, int, int]]:
+        return [("used ring", used_gpa, self._used.nbytes)]
+
     def _flush(self) -> None:
         # Elements before index: x86 keeps stores in order, so the driver never sees an
         # index covering an element that is not written yet.
@@ -170,6 +178,8 @@ class SplitQueue(Virtqueue):
         # driver polling from another CPU (DPDK) then sees used.idx == 0 for an instant,
         # takes stale used entries for new ones and corrupts its free list.
         self._used_idx_field[0] = self._used_idx
+        if self._log is not None and self._log_used is not None:
+            self._log.mark(self._log_used + _IDX_OFFSET, U16.size)
         if self._inflight is not None:
             self._inflight.published(self._used_idx)
 
@@ -191,3 +201,6 @@ class SplitQueue(Virtqueue):
             event_idx=self._event_idx,
             idx=self._last_avail,
         )
+        if self._log is not None and self._log_used is not None:
+            self._log.mark(self._log_used, U16.size)  # flags
+            self._log.mark(self._log_used + self._avail_event_offset, U16.size)
