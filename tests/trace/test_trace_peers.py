@@ -9,28 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from vdev import qemu
 from vdev.bench import net
 from vdev.bench.core import daemon
 from vdev.bench.net import vdev_cli
 from vdev.qemu import render_args
 from vdev.testing.guest import run_guest
-
-needs_qemu = pytest.mark.skipif(
-    shutil.which(qemu.QEMU_BINARY) is None,
-    reason=f"{qemu.QEMU_BINARY} not installed (Debian package {qemu.QEMU_PACKAGE})",
-)
-needs_testpmd = pytest.mark.skipif(
-    shutil.which(net.TESTPMD) is None,
-    reason=f"{net.TESTPMD} not installed (apt-get install {net.DPDK_PACKAGES})",
-)
 
 SIZE = 8 << 20
 
@@ -71,7 +60,7 @@ def check_negotiation(records: list[dict[str, Any]], memory_request: str, queues
     assert {k["fields"]["index"] for k in kicks} == set(range(queues))
 
 
-@needs_qemu
+@pytest.mark.requires_qemu
 async def test_trace_qemu_booting_a_guest_on_a_vdev_disk(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     content = os.urandom(SIZE)
@@ -104,7 +93,7 @@ async def test_trace_qemu_booting_a_guest_on_a_vdev_disk(tmp_path: Path) -> None
     assert int.from_bytes(capacity, "little") == SIZE // 512  # sectors, as the guest read them
 
 
-@needs_testpmd
+@pytest.mark.requires_testpmd
 async def test_trace_testpmd_against_vdev_echo(tmp_path: Path) -> None:
     nic, traced, out = tmp_path / "nic.sock", tmp_path / "trace.sock", tmp_path / "trace.json"
     run = vdev_cli("run", "net", "--socket", str(nic), "--backend", "echo")
