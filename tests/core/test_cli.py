@@ -118,3 +118,12 @@ async def test_client_mode_connects_to_front_end(vdev_daemon, vdev_socket_dir):
     listener.close()
     memory.close()
     assert await daemon.stop(signal.SIGINT) == 0
+
+
+def test_a_reader_that_goes_away_is_not_an_error() -> None:
+    """`vdev backends | head -0`: the pipe closes before vdev writes."""
+    proc = subprocess.Popen([*VDEV, "backends"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # type: ignore[union-attr]
+    stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert proc.wait(timeout=60) == 0, stderr
+    assert stderr == ""
