@@ -54,14 +54,14 @@ class Vring:
         self.memory: GuestMemory | None = None
         #: Why the queue stopped serving (a hostile chain, a device fault), if it did.
         self.failure: str | None = None
-        #: Per-queue counters the device may add to (requests, bytes, ...).
-        self.counters: dict[str, int] = {}
         #: Kick eventfd reads, call eventfd signals, and adaptive spins that found work
         #: on this ring: plain ints bumped on the worker thread, read by the control
         #: socket without a lock (a benign race: a read may miss the latest bump).
         self.kicks = 0
         self.notifies = 0
         self.polls = 0
+        #: Requests a predecessor left in flight that this session re-submitted.
+        self.resubmitted = 0
         #: The dirty log the ring marks, while the front-end migrates (`set_log`).
         self.log: DirtyLog | None = None
         self._worker: QueueWorker | None = None
@@ -108,7 +108,7 @@ class Vring:
                 self.index,
                 self.ring.recovered,
             )
-            self.counters["resubmitted"] = self.counters.get("resubmitted", 0) + self.ring.recovered
+            self.resubmitted += self.ring.recovered
         self.failure = None
         self.memory = memory
         self._apply_log()

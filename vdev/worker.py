@@ -21,7 +21,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -222,10 +222,14 @@ class QueueWorker:
             vring.fail(str(ring.failure).removeprefix(f"queue {vring.index}: "))
 
     def _has_work(self) -> bool:
-        return any(self._ring_has_work(vring) for vring in self._rings)
+        return any(self._busy())
 
-    def _ring_has_work(self, vring: Vring) -> bool:
-        return vring.active and (vring.ring.has_available() or self.device.has_work(vring))  # type: ignore[union-attr]
+    def _busy(self) -> Iterator[Vring]:
+        """The rings that may have work (lazily: `any` stops at the first)."""
+        device = self.device
+        for vring in self._rings:
+            if vring.active and (vring.ring.has_available() or device.has_work(vring)):  # type: ignore[union-attr]
+                yield vring
 
     def _spin(self) -> bool:
         """Look at the rings until `poll.seconds` pass; True if work showed up.
@@ -238,10 +242,11 @@ class QueueWorker:
         while time.monotonic() < deadline:
             if self._commands:
                 return True
-            if self._has_work():
-                for vring in self._rings:
-                    if self._ring_has_work(vring):
-                        vring.polls += 1
+            found = False
+            for vring in self._busy():
+                vring.polls += 1
+                found = True
+            if found:
                 return True
             os.sched_yield()
         return False

@@ -83,8 +83,12 @@ def queue_state(vring: Vring, device: Device, *, counters: bool = False) -> Json
     }
     if counters:
         state.update(device.queue_stats(vring.index))
-        state.update(kicks=vring.kicks, notifies=vring.notifies, polls=vring.polls)
-        state.update({"resubmitted": 0, **vring.counters})
+        state.update(
+            kicks=vring.kicks,
+            notifies=vring.notifies,
+            polls=vring.polls,
+            resubmitted=vring.resubmitted,
+        )
     return state
 
 
