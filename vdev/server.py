@@ -65,7 +65,11 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.INFLIGHT_SHMFD
+    # Live migration (a dirty log) is offered where it works (`dirtylog.available`).
+    | (ProtocolFeature.LOG_SHMFD if dirtylog.available() else 0)
 )
+#: VHOST_F_LOG_ALL, offered with LOG_SHMFD.
+_LOG_FEATURES = VHOST_F_LOG_ALL if dirtylog.available() else 0
 MAX_MEM_SLOTS = 509
 #: Longest Unix socket path a peer can connect to (sun_path holds 108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
@@ -84,12 +88,7 @@ CONFIG_CHANGE_TIMEOUT = 5.0
 def protocol_features(device: Device) -> int:
     """The vhost-user protocol features offered for `device`."""
     config = ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ if device.config_space else 0
-    return BASE_PROTOCOL_FEATURES | config | _LOG_PROTOCOL_FEATURES | device.protocol_features
-
-
-#: Live migration (a dirty log) is offered where it works (`dirtylog.available`).
-_LOG_FEATURES = VHOST_F_LOG_ALL if dirtylog.available() else 0
-_LOG_PROTOCOL_FEATURES = ProtocolFeature.LOG_SHMFD if dirtylog.available() else 0
+    return BASE_PROTOCOL_FEATURES | config | device.protocol_features
 
 
 class ServerError(Exception):
@@ -238,8 +237,7 @@ class Session:
             for vring in self.vrings:
                 vring.close()
             self._set_inflight(None)
-            if self.log is not None:
-                self.log.close()
+            self._set_log(None)
             self._set_log_fd(None)
             self.memory.close()
             # Unmaps the departed front-end's memory wherever else it is mapped (a
@@ -496,13 +494,14 @@ class Session:
         # Rings marking the old log stop first: once we answer, the front-end reads
         # the old log one last time and frees it.
         async with self._stopped_vrings() if self.logging else contextlib.nullcontext():
-            if self.log is not None:
-                self.log.close()
-            self.log = new
-            for vring in self.vrings:
-                vring.log = self._ring_log()
+            self._set_log(new)  # the restarted rings take it (`_restart`)
         log.info("%s: dirty log of %d bytes", self.name, new.size)
         return 0
+
+    def _set_log(self, dirty: DirtyLog | None) -> None:
+        if self.log is not None:
+            self.log.close()
+        self.log = dirty
 
     async def _on_set_log_fd(self, msg: Message) -> None:
         self._set_log_fd(msg.fds[0])
@@ -826,10 +825,11 @@ async def listen_unix(path: Path, mode: int = 0o600, backlog: int = 1) -> trio.s
     `path` (mode 0700: nobody reaches it meanwhile), then renamed into place, so that
     whoever sees `path` appear can connect at once, with `mode` already in force.
     """
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH:
         raise ServerError(
             f"cannot listen on {path}: AF_UNIX path too long "
-            f"({len(os.fsencode(path))} bytes, at most {MAX_SOCKET_PATH})"
+            f"({length} bytes, at most {MAX_SOCKET_PATH})"
         )
     await _remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

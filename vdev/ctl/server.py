@@ -78,6 +78,16 @@ class ControlServer:
         max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.devices = list(devices)
+        #: Each device by its name, its socket path as given and made absolute.
+        self._by_name = {
+            alias: managed
+            for managed in self.devices
+            for alias in (
+                managed.name,
+                str(managed.server.path),
+                os.path.abspath(managed.server.path),
+            )
+        }
         self.path = path
         self.line_timeout = line_timeout
         self.idle_timeout = idle_timeout
@@ -176,9 +186,7 @@ class ControlServer:
         return ok(device=managed.name, up=request.up, notified=notified)
 
     def _find(self, name: str) -> ManagedDevice:
-        for managed in self.devices:
-            path = managed.server.path
-            if name in (managed.name, str(path), os.path.abspath(path)):
-                return managed
+        if name in self._by_name:
+            return self._by_name[name]
         known = ", ".join(d.name for d in self.devices)
         raise RequestError(f"unknown device {name!r} (devices: {known})")
