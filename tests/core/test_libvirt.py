@@ -14,6 +14,7 @@ import pytest
 from vdev import libvirt
 from vdev.cli import default_mac, main
 from vdev.qemu import configs_dir
+from vdev.testing.pytest_plugin import REQUIRE_ALL
 
 VALIDATOR = "virt-xml-validate"
 #: Devices go in <devices>; everything else (memoryBacking, qemu:override) in <domain>.
@@ -21,26 +22,27 @@ DEVICE_TAGS = {"disk", "interface"}
 SNIPPETS = sorted(configs_dir().glob("*.xml"))
 
 
-def required(*tools: str) -> None:
-    """Skip without `tools` (Debian libvirt-clients, libxml2-utils), fail in CI."""
+def required(config: pytest.Config, *tools: str) -> None:
+    """Skip without `tools` (Debian libvirt-clients, libxml2-utils); fail instead with
+    --vdev-require-all or in CI."""
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         reason = f"{', '.join(missing)} not installed (Debian libvirt-clients, libxml2-utils)"
-        if os.environ.get("CI"):
+        if config.getoption(REQUIRE_ALL) or os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
-def validator() -> str:
+def validator(request: pytest.FixtureRequest) -> str:
     """virt-xml-validate with the xmllint it runs."""
-    required(VALIDATOR, "xmllint")
+    required(request.config, VALIDATOR, "xmllint")
     return VALIDATOR
 
 
 @pytest.fixture(scope="module")
-def virsh() -> str:
-    required("virsh")
+def virsh(request: pytest.FixtureRequest) -> str:
+    required(request.config, "virsh")
     return "virsh"
 
 

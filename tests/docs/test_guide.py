@@ -169,5 +169,5 @@ def test_guide_tests_pass(name, env, package, tmp_path, request):
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped)", out)}
     if counts.get("skipped"):
         reasons = [line for line in out.splitlines() if line.startswith("SKIPPED")]
-        pytest.skip(f"{name}: " + "; ".join(reasons))
+        (pytest.fail if require_all else pytest.skip)(f"{name}: " + "; ".join(reasons))
     assert counts.get("passed", 0) > 0, out

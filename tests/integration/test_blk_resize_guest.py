@@ -5,7 +5,6 @@ statistics the control socket shows meanwhile are what QEMU negotiated and sent.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import trio
 
 from vdev.qemu import render_args
-from vdev.testing.guest import start_guest
 
 VDEV = [sys.executable, "-m", "vdev.cli"]
 MiB = 1 << 20
@@ -51,17 +49,19 @@ async def vdev_ctl(*args: str) -> str:
 
 
 @pytest.mark.requires_qemu
-async def test_vdev_ctl_resizes_a_running_guests_disk(tmp_path: Path, vdev_daemon) -> None:
+async def test_vdev_ctl_resizes_a_running_guests_disk(
+    tmp_path: Path, vdev_daemon, vdev_guest
+) -> None:
     image = tmp_path / "disk.img"
     with image.open("wb") as f:
         f.truncate(OLD)
     daemon = await vdev_daemon("blk", "--backend", "file", "--path", str(image))
     sock = str(daemon.socket)
     args = render_args("vdev-blk", id="disk0", socket=daemon.socket, queues=1)
-    async with start_guest(SCRIPT, qemu_args=args) as guest:
+    async with vdev_guest.start(SCRIPT, qemu_args=args) as guest:
         with trio.fail_after(120):
             await guest.wait_for("READY-FOR-RESIZE")
-        [disk] = json.loads(await vdev_ctl("--socket", sock, "stats", "--json"))["devices"]
+        [disk] = await daemon.stats()
         assert disk["connected"] and "DRIVER_OK" in disk["status"]["names"]
         assert {"VERSION_1", "FLUSH"} <= set(disk["features"]["names"])
         assert "BACKEND_REQ" in disk["protocol_features"]["names"]
@@ -71,7 +71,7 @@ async def test_vdev_ctl_resizes_a_running_guests_disk(tmp_path: Path, vdev_daemo
         assert disk["counters"]["requests"] == sum(q["requests"] for q in disk["queues"])
 
         told = await vdev_ctl("--socket", sock, "resize", daemon.socket.stem, "48M")
-        assert told.strip().endswith("resized to 50331648 bytes; the front-end was told")
+        assert told.strip().endswith(f"resized to {NEW} bytes; the front-end was told")
         with trio.fail_after(120):
             result = await guest.wait()
     assert result.exit_code == 0, result.console

@@ -7,8 +7,8 @@ QEMU must listen with ``-qmp unix:PATH,server=on,wait=off``::
         await qmp.wait_migration()
 
 Replies and events arrive on the same stream: `execute` returns its command's
-``return`` value (QmpError for an ``error``), and keeps the events it reads meanwhile
-for `wait_event`.
+``return`` value (QmpError for an ``error``) and passes over the events it reads
+meanwhile (migration progress is polled with query-migrate).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ class QmpClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._buffer = bytearray()
-        #: Events received and not yet consumed by `wait_event`, oldest first.
-        self.events: list[dict[str, Any]] = []
 
     @classmethod
     @asynccontextmanager
@@ -66,24 +64,12 @@ class QmpClient:
             request["arguments"] = arguments
         await self._stream.send_all(json.dumps(request).encode() + b"\n")
         while True:
-            message = await self._read()
-            if "event" in message:
-                self.events.append(message)
-            elif "error" in message:
+            message = await self._read()  # events that come meanwhile are not needed
+            if "error" in message:
                 error = message["error"]
                 raise QmpError(f"{command}: {error.get('class')}: {error.get('desc')}")
             elif "return" in message:
                 return message["return"]
-
-    async def wait_event(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        """The next event called `name` (one already received first); others are kept."""
-        with trio.fail_after(timeout):
-            while True:
-                for event in self.events:
-                    if event["event"] == name:
-                        self.events.remove(event)
-                        return event
-                self.events.append(await self._read())
 
     async def wait_migration(self, timeout: float = 300.0, poll: float = 0.5) -> dict[str, Any]:
         """Poll query-migrate until the migration completes; its final state.
