@@ -437,54 +437,31 @@ class GuestRunner:
         self,
         script: str,
         *,
-        qemu_args: Sequence[str] = (),
-        mem: str | int | None = "512M",
-        cpus: int = 1,
-        accel: str = "auto",
         extra_binaries: Sequence[str] = (),
         extra_modules: Sequence[str] = (),
-        kernel_args: str = "",
+        **options: Any,
     ) -> AsyncIterator[Guest]:
-        """`vdev.testing.guest.start_guest` on the session's image: ``async with
-        vdev_guest.start(script) as guest`` gives the running guest."""
+        """`vdev.testing.guest.start_guest` on the session's image (`options`: its
+        qemu_args, mem, cpus, accel, kernel_args): ``async with vdev_guest.start(script)
+        as guest`` gives the running guest. `extra_binaries` and `extra_modules` go into
+        the image (`build_guest`)."""
         image = await self.images.get(extra_binaries, extra_modules)
-        async with start_guest(
-            script,
-            qemu_args=qemu_args,
-            mem=mem,
-            cpus=cpus,
-            accel=accel,
-            image=image,
-            kernel_args=kernel_args,
-        ) as guest:
+        async with start_guest(script, image=image, **options) as guest:
             yield guest
 
     async def __call__(
         self,
         script: str,
         *,
-        qemu_args: Sequence[str] = (),
-        mem: str | int | None = "512M",
-        cpus: int = 1,
-        accel: str = "auto",
-        timeout: float = 120.0,
         extra_binaries: Sequence[str] = (),
         extra_modules: Sequence[str] = (),
+        **options: Any,
     ) -> GuestResult:
-        """Boot a guest with `qemu_args` (the devices), run `script` in it under
-        /bin/sh and return its output and exit status (`vdev.testing.guest.run_guest`:
-        GuestTimeout after `timeout` s, GuestPanic, GuestError). `extra_binaries` and
-        `extra_modules` go into the image (`build_guest`)."""
+        """Boot a guest, run `script` in it under /bin/sh and return its output and exit
+        status: `vdev.testing.guest.run_guest` on the session's image (`options`: its
+        qemu_args, mem, cpus, accel, timeout; GuestTimeout, GuestPanic, GuestError)."""
         image = await self.images.get(extra_binaries, extra_modules)
-        return await run_guest(
-            script,
-            qemu_args=qemu_args,
-            mem=mem,
-            cpus=cpus,
-            accel=accel,
-            timeout=timeout,
-            image=image,
-        )
+        return await run_guest(script, image=image, **options)
 
 
 @pytest.fixture
