@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,18 @@ class ConfigDevice(Device):
         queue.notify()
 
 
+@asynccontextmanager
+async def served(
+    tmp_path: Path, device: ConfigDevice | None = None
+) -> AsyncIterator[tuple[DeviceServer, Frontend]]:
+    """`device` (a new ConfigDevice) served on tmp_path/d.sock, and a connected front-end."""
+    async with (
+        running_server(device or ConfigDevice(), tmp_path / "d.sock") as server,
+        Frontend.connect(server.path) as fe,
+    ):
+        yield server, fe
+
+
 async def echo_works(fe: Frontend) -> None:
     queue = fe.queues.get(0) or await fe.setup_queue(0)
     used = await queue.transact([b"ping"], [4])
@@ -47,10 +61,7 @@ async def test_config_change_is_acked_after_the_front_end_rereads_the_config(
     tmp_path: Path,
 ) -> None:
     device = ConfigDevice()
-    async with (
-        running_server(device, tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path, device) as (server, fe):
         await fe.negotiate()
         assert fe.protocol_features & ProtocolFeature.BACKEND_REQ
         seen: list[bytes] = []
@@ -69,10 +80,7 @@ async def test_config_change_is_acked_after_the_front_end_rereads_the_config(
 
 
 async def test_without_reply_ack_no_ack_is_asked_for(tmp_path: Path) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.send(Request.SET_OWNER)
         fe.protocol_features = int(ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ)
         await fe.send(Request.SET_PROTOCOL_FEATURES, fe.protocol_features)
@@ -86,10 +94,7 @@ async def test_without_reply_ack_no_ack_is_asked_for(tmp_path: Path) -> None:
 async def test_front_end_that_fails_the_request_keeps_its_channel(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.negotiate()
         fe.backend_answer = 1
         assert not await server.config_changed()
@@ -112,10 +117,7 @@ async def test_front_end_that_fails_the_request_keeps_its_channel(
 async def test_garbled_reply_closes_only_the_channel(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: bytes, text: str
 ) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.negotiate()
         fe.backend_answer = answer
         with caplog.at_level(logging.ERROR):
@@ -133,10 +135,7 @@ async def test_garbled_reply_closes_only_the_channel(
 async def test_front_end_that_closes_the_channel(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.negotiate()
         fe.close_backend_channel()
         with caplog.at_level(logging.ERROR):
@@ -151,10 +150,7 @@ async def test_front_end_that_closes_the_channel(
 async def test_front_end_that_never_answers_times_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.negotiate()
         fe.backend_answer = None
         assert not await server.config_changed(timeout=0.2)
@@ -188,10 +184,7 @@ async def test_replaced_channel_and_reconnect(
 async def test_backend_req_fd_that_is_not_a_stream_socket_fails_the_request(
     tmp_path: Path, kind: str
 ) -> None:
-    async with (
-        running_server(ConfigDevice(), tmp_path / "d.sock") as server,
-        Frontend.connect(server.path) as fe,
-    ):
+    async with served(tmp_path) as (server, fe):
         await fe.send(Request.SET_OWNER)
         features = ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ
         fe.protocol_features = int(features | ProtocolFeature.REPLY_ACK)
