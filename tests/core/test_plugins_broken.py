@@ -8,16 +8,14 @@ importlib.metadata finds them exactly as it finds a pip-installed package.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from vdev.cli import main
+from vdev.devices.blk import REQUEST_HEADER, RequestType
 from vdev.plugins import Kind, PluginImportError, load, plugins
 from vdev.testing.frontend import Frontend
 
@@ -148,30 +146,13 @@ def test_run_with_a_broken_plugin_is_one_line_exit_2(broken_env, tmp_path, args,
     assert f"distribution {DIST!r}" in lines[0]
 
 
-async def test_run_of_another_backend_is_unaffected(broken_env, tmp_path):
-    sock = tmp_path / "disk.sock"
-    proc = subprocess.Popen(
-        [*VDEV, "run", "blk", "--socket", str(sock), "--backend", "ram", "--size", "1M"],
-        env=broken_env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "socket never appeared"
-            await trio.sleep(0.05)
-        async with Frontend.connect(sock) as fe:
-            await fe.negotiate()
-            queue = await fe.setup_queue(0)
-            get_id = (8).to_bytes(4, "little") + bytes(12)
-            used = await queue.transact([get_id], [20, 1])
-            assert used.data[-1] == b"\0"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in proc.stderr.read()
+async def test_run_of_another_backend_is_unaffected(broken_env, vdev_daemon):
+    daemon = await vdev_daemon("blk", "--backend", "ram", "--size", "1M", env=broken_env)
+    async with Frontend.connect(daemon.socket) as fe:
+        await fe.negotiate()
+        queue = await fe.setup_queue(0)
+        get_id = REQUEST_HEADER.pack(RequestType.GET_ID, 0, 0)
+        used = await queue.transact([get_id], [20, 1])
+        assert used.data[-1] == b"\0"
+    assert await daemon.stop() == 0
+    assert "Traceback" not in daemon.log_text()
